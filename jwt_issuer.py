@@ -1,0 +1,1004 @@
+#!/usr/bin/env python3
+"""jwt_issuer: a small ES256 JWT issuer that publishes its keys as a JWKS.
+
+POST /auth/token {"name": "alice"} answers a JWT for subject "alice", signed
+with ES256 (ECDSA on P-256 with SHA-256); GET /auth/jwks publishes the public
+key, so that the `jwt` auth method of HashiCorp Vault or OpenBao, or anything
+else that checks JWTs against a JWKS URL, can trust the tokens.
+
+One module on the Python 3.9+ standard library and `cryptography`:
+
+    python jwt_issuer.py --help
+
+Copyright (c) 2026 the jwt-issuer authors. MIT licence: see LICENSE.
+"""
+
+# The file reads top to bottom: constants, errors, the pure core (base64url,
+# keys, claims, signing), configuration, the HTTP edge with its ROUTES table,
+# then the commands and main. Its rules:
+#   - The pure core takes data and returns data: no socket, clock, file or
+#     os.environ inside. The edge passes in the time and the token id.
+#   - Every answer leaves through RequestHandler._send; every error a client
+#     can cause is an HTTPError, raised where the problem is found.
+#   - Nothing secret is logged or served: never a private key's "d", never a
+#     token (the audit line names its jti).
+
+__version__ = "1.0.0"
+
+import argparse
+import base64
+import email.utils
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import re
+import secrets
+import signal
+import socket
+import socketserver
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, replace
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+log = logging.getLogger("jwt_issuer")
+
+
+# ---------------------------------------------------------------- constants
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+DEFAULT_KEY_PATH = "./key.json"
+DEFAULT_TTL_SECONDS = 60 * 60
+
+MAX_BODY_BYTES = 4 * 1024
+MAX_NAME_CHARS = 256
+MAX_REQUEST_LINE_BYTES = 8 * 1024
+SOCKET_TIMEOUT_SECONDS = 10  # each read and write; also how long a keep-alive connection may idle
+DRAIN_TIMEOUT_SECONDS = 10  # on SIGTERM, how long requests in flight may take to finish
+LINGER_SECONDS = 1  # after an early error answer, how long unread input is drained before closing
+LISTEN_BACKLOG = 128  # socketserver's 5 drops SYNs in bursts: clients retry after a whole second
+
+# P-256 coordinates and private scalars are 32 bytes, always written in full
+# (RFC 7518 §6.2.1.2, §6.2.2.1); so are R and S in the signature (§3.4).
+P256_BYTES = 32
+P256 = ec.SECP256R1()
+ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
+
+# RFC 7638 thumbprint of key.json.example, which anyone can read: a server
+# signing with it (or publishing it) trusts tokens that anyone can forge.
+EXAMPLE_KEY_THUMBPRINT = "-1acZp7liNvJSVq6F1Iy3paaPtcojZJSg1ORYtjFCqQ"
+
+
+# ---------------------------------------------------------------- errors
+
+class ConfigError(Exception):
+    """A bad flag, environment value or key file: one line on stderr, exit status 2."""
+
+
+class HTTPError(Exception):
+    """An answer other than success, raised where the problem is found and
+    sent as {"error": ..., "error_description": ...} (RFC 6749 §5.2)."""
+
+    def __init__(self, status, error, description, headers=()):
+        super().__init__(description)
+        self.status = status
+        self.error = error
+        self.description = description
+        self.headers = tuple(headers)
+
+
+# ---------------------------------------------------------------- the pure core: base64url and JSON
+
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
+
+
+def is_decimal(text):
+    """ASCII digits only: int() would also take " 5", "1_0" and other scripts' digits."""
+    return text.isascii() and text.isdigit()
+
+
+def b64url_encode(data):
+    """RFC 7515 §2: base64url with the trailing '=' padding removed."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text):
+    """Strict inverse of b64url_encode: no padding, no '+' or '/', no
+    whitespace, and only the one canonical spelling of each byte string."""
+    if not isinstance(text, str) or not _BASE64URL.fullmatch(text) or len(text) % 4 == 1:
+        raise ValueError("not base64url")
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if b64url_encode(data) != text:  # stray low bits in the last character
+        raise ValueError("not canonical base64url")
+    return data
+
+
+_encode_compact_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def json_bytes(value):
+    """Compact UTF-8 JSON, as the JWS segments and every response body use."""
+    return _encode_compact_json(value).encode("utf-8")
+
+
+def _refuse_duplicate_members(pairs):
+    # RFC 8259 §4: with duplicate names "the behavior of software ... is
+    # unpredictable"; two parsers could read two different subjects.
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        raise ValueError("duplicate member name")
+    return document
+
+
+def _refuse_constant(name):
+    raise ValueError("%s is not JSON" % name)
+
+
+def parse_json(data):
+    """Strict JSON from bytes: UTF-8, no duplicate member names, no NaN or
+    Infinity. Raises ValueError (UnicodeDecodeError is one) with a message."""
+    try:
+        return json.loads(data.decode("utf-8"), object_pairs_hook=_refuse_duplicate_members,
+                          parse_constant=_refuse_constant)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+# ---------------------------------------------------------------- the pure core: keys
+
+def _coordinate(n):
+    return b64url_encode(n.to_bytes(P256_BYTES, "big"))
+
+
+def thumbprint(jwk):
+    """RFC 7638 §3.2: SHA-256 of the required members (for EC: crv, kty, x,
+    y) in lexicographic order, no whitespace, base64url."""
+    required = {"crv": jwk["crv"], "kty": jwk["kty"], "x": jwk["x"], "y": jwk["y"]}
+    return b64url_encode(hashlib.sha256(json_bytes(required)).digest())
+
+
+def public_jwk(public_key, kid=None):
+    """The public JWK as served: 32-byte x and y, "use", "alg", and a "kid"
+    that defaults to the RFC 7638 thumbprint."""
+    numbers = public_key.public_numbers()
+    jwk = {"kty": "EC", "crv": "P-256", "x": _coordinate(numbers.x), "y": _coordinate(numbers.y)}
+    jwk.update(use="sig", alg="ES256", kid=kid or thumbprint(jwk))
+    return jwk
+
+
+def private_jwk(private_key):
+    """The private JWK a key file holds: what pem-to-jwk writes, plus "kid"."""
+    public = public_jwk(private_key.public_key())
+    d = _coordinate(private_key.private_numbers().private_value)
+    return {"kty": "EC", "crv": "P-256", "x": public["x"], "y": public["y"], "d": d,
+            "kid": public["kid"]}
+
+
+def _jwk_integer(jwk, name):
+    value = jwk.get(name)
+    if value is None:
+        raise ValueError('"%s" is missing' % name)
+    try:
+        data = b64url_decode(value)
+    except ValueError:
+        raise ValueError('"%s" is not base64url (RFC 7515 §2: "-" and "_", no "=" padding)'
+                         % name) from None
+    # Writers must give all 32 bytes; some tools drop leading zero bytes, and
+    # the value is the same number either way, so shorter is read as is.
+    if not 0 < len(data) <= P256_BYTES:
+        raise ValueError('"%s" is %d bytes, not %d' % (name, len(data), P256_BYTES))
+    return int.from_bytes(data, "big")
+
+
+def parse_jwk(jwk):
+    """Check one EC P-256 JWK; return (private_key or None, public_key, kid)."""
+    if not isinstance(jwk, dict):
+        raise ValueError("not a JSON object")
+    for name, expected, required in (("kty", "EC", True), ("crv", "P-256", True),
+                                     ("alg", "ES256", False), ("use", "sig", False)):
+        if name not in jwk:
+            if required:
+                raise ValueError('"%s" is missing' % name)
+        elif jwk[name] != expected:
+            raise ValueError('"%s" must be "%s", not %s'
+                             % (name, expected, json.dumps(jwk[name])[:40]))
+    kid = jwk.get("kid")
+    if kid is not None and not (isinstance(kid, str) and kid):
+        raise ValueError('"kid" must be a non-empty string')
+    x, y = _jwk_integer(jwk, "x"), _jwk_integer(jwk, "y")
+    try:
+        public_key = ec.EllipticCurvePublicNumbers(x, y, P256).public_key()
+    except ValueError:
+        raise ValueError('"x" and "y" are not a point on P-256') from None
+    private_key = None
+    if "d" in jwk:
+        d = _jwk_integer(jwk, "d")
+        try:
+            private_key = ec.derive_private_key(d, P256)
+        except ValueError:
+            raise ValueError('"d" is not a P-256 private key') from None
+        if private_key.public_key().public_numbers() != public_key.public_numbers():
+            raise ValueError('"x" and "y" do not match "d"')
+    return private_key, public_key, kid or thumbprint(public_jwk(public_key))
+
+
+def parse_pem_private_key(data):
+    """An EC P-256 private key from PEM (SEC1 or PKCS#8, unencrypted)."""
+    if b"PUBLIC KEY-----" in data:
+        raise ValueError("PEM holds a public key; the issuer needs the private key")
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except TypeError:  # what cryptography raises for a key that needs a password
+        raise ValueError("PEM key is encrypted; decrypt it first "
+                         "(openssl pkey -in KEY.pem -out PLAIN.pem)") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise ValueError("not a readable PEM private key") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError("PEM key is not an EC key; ES256 needs EC P-256")
+    if key.curve.name != P256.name:
+        raise ValueError("PEM key is on %s, not P-256 (prime256v1)" % key.curve.name)
+    return key
+
+
+@dataclass(frozen=True)
+class KeySet:
+    """The keys in use, replaced whole on reload: one signs, all are published.
+
+    Rotation: make the key file a JWK Set with the new private key first and
+    the old key after it (its public part is enough). Tokens are signed with
+    the new key at once, and tokens signed with the old one still verify
+    against the JWKS until the old key is taken out of the file."""
+
+    signing_key: ec.EllipticCurvePrivateKey
+    kid: str
+    kids: tuple  # every published kid, the signing kid first
+    header_segment: str  # the JWS protected header, encoded once per key
+    jwks_body: bytes
+    uses_example_key: bool
+
+    @classmethod
+    def from_keys(cls, keys):
+        """keys: (private_key or None, public_key, kid) in file order."""
+        signing = next((k for k in keys if k[0] is not None), None)
+        if signing is None:
+            raise ValueError('no key has a private part ("d"): nothing to sign with')
+        ordered = [signing] + [k for k in keys if k is not signing]
+        jwks = [public_jwk(public_key, kid) for _, public_key, kid in ordered]
+        kids = tuple(jwk["kid"] for jwk in jwks)
+        for kid in kids:
+            if kids.count(kid) > 1:
+                raise ValueError("kid %s is used by more than one key" % json.dumps(kid))
+        header = {"alg": "ES256", "typ": "JWT", "kid": signing[2]}
+        return cls(signing_key=signing[0], kid=signing[2], kids=kids,
+                   header_segment=b64url_encode(json_bytes(header)),
+                   jwks_body=json_bytes({"keys": jwks}),
+                   uses_example_key=any(thumbprint(jwk) == EXAMPLE_KEY_THUMBPRINT for jwk in jwks))
+
+    def sign(self, claims):
+        return sign_jws(self.signing_key, self.header_segment, b64url_encode(json_bytes(claims)))
+
+
+def parse_key_file(data):
+    """A KeySet from a key file's bytes: a private JWK, a JWK Set whose first
+    private key signs, or a PEM private key. Raises ValueError saying why not."""
+    if data.lstrip().startswith(b"-----BEGIN"):
+        key = parse_pem_private_key(data)
+        return KeySet.from_keys([(key, key.public_key(), None)])
+    if not data.strip():
+        raise ValueError("the file is empty")
+    try:
+        document = parse_json(data)
+    except ValueError as error:
+        raise ValueError("neither a PEM key nor valid JSON (%s)" % error) from None
+    if not (isinstance(document, dict) and "keys" in document):
+        return KeySet.from_keys([parse_jwk(document)])
+    members = document["keys"]
+    if not (isinstance(members, list) and members):
+        raise ValueError('"keys" must be a non-empty list of JWKs')
+    keys = []
+    for number, member in enumerate(members, 1):
+        try:
+            keys.append(parse_jwk(member))
+        except ValueError as error:
+            # One bad key in a JWKS breaks every login at Vault: refuse the set.
+            raise ValueError("key %d: %s" % (number, error)) from None
+    return KeySet.from_keys(keys)
+
+
+# ---------------------------------------------------------------- the pure core: claims and signing
+
+def make_claims(sub, *, issuer, audience, ttl, now, jti):
+    """The JWT claims (RFC 7519 §4.1). One audience is a string, several a list (§4.1.3)."""
+    claims = {"iss": issuer, "sub": sub}
+    if audience:
+        claims["aud"] = audience[0] if len(audience) == 1 else list(audience)
+    claims.update(iat=now, nbf=now, exp=now + ttl, jti=jti)
+    return claims
+
+
+def der_to_raw_signature(der):
+    """RFC 7518 §3.4: the JWS signature is R and S as 32-byte big-endian
+    integers, concatenated; not the DER that OpenSSL returns."""
+    r, s = decode_dss_signature(der)
+    return r.to_bytes(P256_BYTES, "big") + s.to_bytes(P256_BYTES, "big")
+
+
+def sign_jws(private_key, header_segment, payload_segment):
+    """RFC 7515 §7.1 compact serialization: the signature is over the ASCII
+    of BASE64URL(header) '.' BASE64URL(payload) (§5.1)."""
+    signing_input = header_segment + "." + payload_segment
+    der = private_key.sign(signing_input.encode("ascii"), ECDSA_SHA256)
+    return signing_input + "." + b64url_encode(der_to_raw_signature(der))
+
+
+_FORBIDDEN_IN_NAME = re.compile("[\x00-\x1f\x7f]")  # C0 controls and DEL
+_SURROGATE = re.compile("[\ud800-\udfff]")  # "\ud800" is valid JSON but no Unicode text
+
+
+def subject_from_body(body):
+    """The token subject from a request body {"name": ...}, or HTTPError 400."""
+    try:
+        document = parse_json(body)
+    except UnicodeDecodeError:
+        raise HTTPError(400, "invalid_request", "body is not UTF-8") from None
+    except ValueError as error:
+        raise HTTPError(400, "invalid_request", "body is not valid JSON: %s"
+                        % ("duplicate member name" if "duplicate" in str(error) else "syntax error")
+                        ) from None
+    if not isinstance(document, dict):
+        raise HTTPError(400, "invalid_request", "body must be a JSON object")
+    name = document.get("name")
+    if name is None:
+        raise HTTPError(400, "invalid_request", "name is required")
+    if not isinstance(name, str):
+        raise HTTPError(400, "invalid_request", "name must be a string")
+    if not name:
+        raise HTTPError(400, "invalid_request", "name must not be empty")
+    if len(name) > MAX_NAME_CHARS:
+        raise HTTPError(400, "invalid_request", "name is longer than %d characters" % MAX_NAME_CHARS)
+    if _FORBIDDEN_IN_NAME.search(name):
+        raise HTTPError(400, "invalid_request", "name must not contain control characters")
+    if _SURROGATE.search(name):
+        raise HTTPError(400, "invalid_request", "name is not valid Unicode")
+    return name
+
+
+def discovery_document(issuer):
+    """OpenID Connect Discovery 1.0 §3, enough for Vault's oidc_discovery_url.
+    "issuer" is exactly as configured: Vault compares it byte for byte."""
+    base = issuer.rstrip("/")
+    return {
+        "issuer": issuer,
+        "jwks_uri": base + "/auth/jwks",
+        "token_endpoint": base + "/auth/token",
+        "id_token_signing_alg_values_supported": ["ES256"],
+        "response_types_supported": ["id_token"],
+        "subject_types_supported": ["public"],
+    }
+
+
+# ---------------------------------------------------------------- configuration
+
+ENVIRONMENT = {
+    "host": "JWT_ISSUER_HOST",
+    "port": "JWT_ISSUER_PORT",
+    "key": "JWT_ISSUER_KEY",
+    "issuer": "JWT_ISSUER_ISSUER",
+    "audience": "JWT_ISSUER_AUDIENCE",
+    "ttl": "JWT_ISSUER_TTL",
+}
+
+def _integer(text, source, low, high):
+    if not (is_decimal(text) and len(text) <= 11 and low <= int(text) <= high):
+        raise ConfigError("%s must be an integer from %d to %d, not %s"
+                          % (source, low, high, json.dumps(text)[:40]))
+    return int(text)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the server is told, checked once; the flags win over the environment."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    key_path: str = DEFAULT_KEY_PATH
+    key_path_given: bool = False  # a key named on purpose must exist; the default is made
+    issuer: str = None  # None until the port is bound: then http://localhost:PORT
+    audience: tuple = ()
+    ttl: int = DEFAULT_TTL_SECONDS
+
+    def __post_init__(self):
+        if not self.host:
+            raise ConfigError("host must not be empty (0.0.0.0 listens on every IPv4 address)")
+        if not self.key_path:
+            raise ConfigError("key file name must not be empty")
+        if self.issuer is not None:
+            url = urlsplit(self.issuer)
+            # OpenID Connect Discovery §3: https (http here for local use), no query or fragment.
+            if url.scheme not in ("http", "https") or not url.hostname or url.query or url.fragment:
+                raise ConfigError("issuer must be an http(s) URL with a host and no query or "
+                                  "fragment, not %s" % json.dumps(self.issuer))
+        if any(not isinstance(aud, str) or not aud.strip() for aud in self.audience):
+            raise ConfigError("an audience must be a non-empty string")
+
+    @classmethod
+    def from_args(cls, args, environ):
+        """From parsed flags (None where not given) and an environment mapping."""
+        def setting(name):  # an empty environment variable counts as unset
+            flag = getattr(args, name)
+            if flag is not None:
+                return flag, "--" + name
+            return environ.get(ENVIRONMENT[name]) or None, ENVIRONMENT[name]
+
+        values = {}
+        host, _ = setting("host")
+        if host is not None:
+            values["host"] = host
+        port, source = setting("port")
+        if port is not None:
+            values["port"] = _integer(port, source, 0, 65535)
+        ttl, source = setting("ttl")
+        if ttl is not None:
+            values["ttl"] = _integer(ttl, source, 1, 10 ** 10)
+        key_path, _ = setting("key")
+        if key_path is not None:
+            values.update(key_path=key_path, key_path_given=True)
+        issuer, _ = setting("issuer")
+        if issuer is not None:
+            values["issuer"] = issuer
+        if args.audience is not None:
+            values["audience"] = tuple(args.audience)
+        else:
+            listed = environ.get(ENVIRONMENT["audience"], "")
+            values["audience"] = tuple(aud.strip() for aud in listed.split(",") if aud.strip())
+        return cls(**values)
+
+
+# ---------------------------------------------------------------- files
+
+def write_new_file(path, data):
+    """Write data to a new file, mode 0600, all or nothing, never over an
+    existing file: a temp file in the same directory, fsync, then link(),
+    which unlike rename() fails if the name is taken."""
+    directory = os.path.dirname(path) or "."
+    try:
+        fd, temp_path = tempfile.mkstemp(dir=directory, prefix=".jwt_issuer-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as temp:
+                temp.write(data)
+                temp.flush()
+                os.fsync(temp.fileno())
+            os.link(temp_path, path)
+        finally:
+            os.unlink(temp_path)
+        directory_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(directory_fd)
+        finally:
+            os.close(directory_fd)
+    except FileExistsError:
+        raise ConfigError("%s already exists; not overwriting it" % path) from None
+    except OSError as error:
+        raise ConfigError("cannot write %s: %s" % (path, error.strerror or error)) from None
+
+
+def load_keyset(path):
+    """Read and check a key file; ConfigError names the file and the problem."""
+    try:
+        with open(path, "rb") as key_file:
+            data = key_file.read(1024 * 1024)
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ConfigError("key file %s does not exist" % path) from None
+    except OSError as error:
+        raise ConfigError("cannot read key file %s: %s" % (path, error.strerror or error)) from None
+    try:
+        keys = parse_key_file(data)
+    except ValueError as error:
+        raise ConfigError("key file %s: %s" % (path, error)) from None
+    if mode & 0o077:
+        log.warning("key file %s can be read by group or others (mode %04o): chmod 600 %s",
+                    path, mode & 0o7777, path)
+    if keys.uses_example_key:
+        log.warning("THE KEY IN %s IS THE PUBLIC EXAMPLE KEY OF key.json.example: ANYONE CAN "
+                    "FORGE TOKENS THAT VERIFY AGAINST THIS JWKS. Make your own: "
+                    "python jwt_issuer.py genkey -o key.json", path)
+    return keys
+
+
+def obtain_keys(config):
+    """The configured keys; the default ./key.json is made when missing."""
+    if not config.key_path_given and not os.path.exists(config.key_path):
+        jwk = private_jwk(ec.generate_private_key(P256))
+        try:
+            write_new_file(config.key_path, (json.dumps(jwk, indent=2) + "\n").encode())
+            log.info("no key file at %s: generated a new P-256 key, kid %s, saved with mode 0600",
+                     config.key_path, jwk["kid"])
+        except ConfigError:
+            if not os.path.exists(config.key_path):  # another process may have just made it
+                raise
+    return load_keyset(config.key_path)
+
+
+# ---------------------------------------------------------------- the HTTP edge: endpoints
+
+JSON_TYPE = "application/json"
+NO_STORE = (("Cache-Control", "no-store"), ("Pragma", "no-cache"))  # RFC 6749 §5.1
+REVALIDATE = (("Cache-Control", "no-cache"),)  # keys may rotate at any SIGHUP
+
+
+def _media_type(value):
+    return value.partition(";")[0].strip().lower()
+
+
+def issue_token(request):
+    if request.headers.get("Content-Length") is None:
+        raise HTTPError(411, "invalid_request", "Content-Length is required")
+    content_type = request.headers.get("Content-Type")
+    if content_type is not None and _media_type(content_type) != JSON_TYPE:
+        raise HTTPError(415, "invalid_request", "Content-Type must be application/json")
+    sub = subject_from_body(request.body)
+    server = request.server
+    keys, config = server.keys, server.config
+    claims = make_claims(sub, issuer=config.issuer, audience=config.audience, ttl=config.ttl,
+                         now=int(time.time()), jti=secrets.token_urlsafe(16))
+    token = keys.sign(claims)
+    log.info("issued sub=%s kid=%s jti=%s exp=%d",
+             json.dumps(sub), keys.kid, claims["jti"], claims["exp"])
+    if any(_media_type(accepted) == JSON_TYPE
+           for accepted in request.headers.get("Accept", "").split(",")):
+        body = {"access_token": token, "token_type": "Bearer", "expires_in": config.ttl}
+        return 200, JSON_TYPE, json_bytes(body), NO_STORE
+    return 200, "text/plain", token.encode("ascii"), NO_STORE
+
+
+def jwks(request):
+    return 200, JSON_TYPE, request.server.keys.jwks_body, REVALIDATE
+
+
+def openid_configuration(request):
+    return 200, JSON_TYPE, request.server.discovery_body, REVALIDATE
+
+
+def healthz(request):
+    return 200, JSON_TYPE, b'{"status":"ok"}', REVALIDATE
+
+
+ROUTES = {
+    ("POST", "/auth/token"): issue_token,
+    ("GET", "/auth/jwks"): jwks,
+    ("GET", "/.well-known/jwks.json"): jwks,
+    ("GET", "/.well-known/openid-configuration"): openid_configuration,
+    ("GET", "/healthz"): healthz,
+}
+
+
+def _allowed_methods(routes):
+    allowed = {}
+    for method, path in routes:
+        allowed.setdefault(path, []).extend([method, "HEAD"] if method == "GET" else [method])
+    return {path: ", ".join(methods) for path, methods in allowed.items()}
+
+
+ALLOWED_METHODS = _allowed_methods(ROUTES)  # for the Allow header of a 405
+
+
+# ---------------------------------------------------------------- the HTTP edge: the handler
+
+REASONS = {status.value: status.phrase for status in HTTPStatus}
+ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 500: "server_error"}
+# The stdlib's own errors carry the client's bytes in their messages; these don't.
+STDLIB_ERRORS = {
+    400: "malformed request line or headers",
+    414: "request line is longer than %d bytes" % MAX_REQUEST_LINE_BYTES,
+    431: "a header line is too long or there are too many headers",
+    505: "only HTTP/1.0 and HTTP/1.1 are served",
+}
+_NOT_IN_DESCRIPTIONS = re.compile(r'[^\x20-\x21\x23-\x5b\x5d-\x7e]')  # RFC 6749 §5.2
+_LOG_ESCAPES = {c: "\\x%02x" % c for c in [*range(0x20), *range(0x7f, 0xa0)]}
+_LOG_ESCAPES.update({ord('"'): '\\"', ord("\\"): "\\\\"})
+_date_cache = (0, "")
+
+
+def http_date(now):
+    """RFC 9110 §6.6.1 Date, formatted once a second."""
+    global _date_cache
+    second = int(now)
+    if _date_cache[0] != second:
+        _date_cache = (second, email.utils.formatdate(second, usegmt=True))
+    return _date_cache[1]
+
+
+def request_path(target):
+    """The path of an origin-form or absolute-form request target (RFC 9112 §3.2)."""
+    if target.startswith("/"):
+        return target.partition("?")[0]
+    if target.lower().startswith(("http://", "https://")):
+        return urlsplit(target).path or "/"
+    return target
+
+
+class RequestHandler(BaseHTTPRequestHandler):
+    """One connection: HTTP/1.1 keep-alive, each answer written in one send."""
+
+    protocol_version = "HTTP/1.1"
+    timeout = SOCKET_TIMEOUT_SECONDS
+    disable_nagle_algorithm = True
+    body = b""
+    started = 0.0
+
+    def setup(self):
+        super().setup()
+        self.idle = True
+        self.linger = False  # unread input is left: drain it before closing
+        self.server.track(self, True)
+
+    def finish(self):
+        try:
+            if self.linger:
+                self._drain_input()
+            super().finish()
+        finally:
+            self.server.track(self, False)
+
+    def handle(self):
+        self.close_connection = True
+        self.handle_one_request()
+        while not self.close_connection:
+            self.idle = True  # before the check: drain() reads them in the other order
+            if self.server.stopping:
+                break
+            self.handle_one_request()
+
+    def handle_one_request(self):
+        # The stdlib's version, with every method going to _dispatch (a 405
+        # or 404, never its 501) and a shorter request line.
+        self.command, self.request_version, self.requestline = "", "HTTP/1.1", ""
+        self.body = b""
+        try:
+            self.raw_requestline = self.rfile.readline(MAX_REQUEST_LINE_BYTES + 1)
+            self.idle = False
+            self.started = time.perf_counter()
+            if not self.raw_requestline:
+                self.close_connection = True
+            elif len(self.raw_requestline) > MAX_REQUEST_LINE_BYTES:
+                self.linger = True
+                self.send_error(414)
+            elif self.parse_request():
+                self._dispatch()
+        except socket.timeout:
+            self.close_connection = True  # a slow or idle client: drop it quietly
+
+    def _dispatch(self):
+        try:
+            self.body = self._read_body()  # first, whatever the path: it frames the next request
+            path = request_path(self.path)
+            method = "GET" if self.command == "HEAD" else self.command
+            endpoint = ROUTES.get((method, path))
+            if endpoint is None:
+                allowed = ALLOWED_METHODS.get(path)
+                if allowed:
+                    raise HTTPError(405, "method_not_allowed", "this path allows " + allowed,
+                                    headers=[("Allow", allowed)])
+                raise HTTPError(404, "not_found", "no such endpoint")
+            self._send(*endpoint(self))
+        except HTTPError as error:
+            self._send_error(error)
+        except (ConnectionError, socket.timeout):
+            raise
+        except Exception:
+            log.exception("internal error answering %s", self._logged_requestline())
+            self.close_connection = True
+            self._send_error(HTTPError(500, "server_error", "internal error"))
+
+    def _read_body(self):
+        """Exactly the body that Content-Length frames (RFC 9112 §6.3), up to
+        MAX_BODY_BYTES. When the framing is in doubt, the connection closes
+        after the answer, so a body can never be read as the next request."""
+        if "Transfer-Encoding" in self.headers:
+            self.close_connection = self.linger = True
+            raise HTTPError(411, "invalid_request",
+                            "Transfer-Encoding is not supported; send a Content-Length")
+        lengths = {value.strip() for value in self.headers.get_all("Content-Length", ())}
+        if not lengths:
+            return b""  # RFC 9112 §6.3: neither header means no body
+        length = lengths.pop()
+        if lengths or not is_decimal(length):
+            self.close_connection = self.linger = True
+            raise HTTPError(400, "invalid_request", "Content-Length is not a valid length")
+        if len(length) > 9 or int(length) > MAX_BODY_BYTES:
+            self.close_connection = self.linger = True
+            raise HTTPError(413, "invalid_request", "body is over %d bytes" % MAX_BODY_BYTES)
+        length = int(length)
+        body = self.rfile.read(length)
+        if len(body) < length:
+            self.close_connection = True
+            raise HTTPError(400, "invalid_request", "body is shorter than its Content-Length")
+        return body
+
+    def handle_expect_100(self):
+        # Only a body that would be read gets "100 Continue"; the others get
+        # their 4xx before the client sends them (RFC 9110 §10.1.1).
+        length = self.headers.get("Content-Length", "").strip()
+        if is_decimal(length) and len(length) <= 9 and int(length) <= MAX_BODY_BYTES:
+            return super().handle_expect_100()
+        return True
+
+    def send_error(self, code, message=None, explain=None):
+        """The stdlib's own errors (400, 414, 431, 505), as JSON like ours."""
+        self.close_connection = True
+        description = STDLIB_ERRORS.get(code, REASONS.get(code, "error"))
+        self._send_error(HTTPError(code, ERROR_CODES.get(code, "invalid_request"), description))
+
+    def _send_error(self, error):
+        description = _NOT_IN_DESCRIPTIONS.sub("?", error.description)
+        body = json_bytes({"error": error.error, "error_description": description})
+        self._send(error.status, JSON_TYPE, body, NO_STORE + error.headers)
+
+    def _send(self, status, content_type, body, headers=()):
+        """The one place an answer is written: head and body in one send."""
+        if self.server.stopping:
+            self.close_connection = True
+        lines = ["HTTP/1.1 %d %s" % (status, REASONS[status]),
+                 "Date: " + http_date(time.time()),
+                 "Content-Type: " + content_type,
+                 "Content-Length: %d" % len(body),
+                 "X-Content-Type-Options: nosniff"]
+        lines.extend("%s: %s" % header for header in headers)
+        if self.close_connection:
+            lines.append("Connection: close")
+        elif self.request_version == "HTTP/1.0":
+            lines.append("Connection: keep-alive")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        self.wfile.write(head if self.command == "HEAD" else head + body)
+        log.info('%s "%s" %d %d %.1fms', self.client_address[0], self._logged_requestline(),
+                 status, len(body), (time.perf_counter() - self.started) * 1000)
+
+    def _drain_input(self):
+        # Closing a socket with unread input sends a reset, which can destroy
+        # the error answer before the client reads it: shut down writing,
+        # then read what is left for a short while.
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(LINGER_SECONDS)
+            deadline = time.monotonic() + LINGER_SECONDS
+            while time.monotonic() < deadline and self.connection.recv(64 * 1024):
+                pass
+        except OSError:
+            pass
+
+    def _logged_requestline(self):
+        return self.requestline.translate(_LOG_ESCAPES) if self.requestline else "-"
+
+    def log_message(self, format, *args):
+        log.info("%s " + format, self.client_address[0], *args)
+
+
+class IssuerServer(ThreadingHTTPServer):
+    """The listening socket, a thread per connection, the config and the keys.
+
+    The keys live in one immutable KeySet behind self.keys; SIGHUP swaps it
+    in one assignment, so a request sees the old keys or the new, never a mix."""
+
+    daemon_threads = True
+    block_on_close = False  # drain() waits for requests in flight, with a deadline
+    request_queue_size = LISTEN_BACKLOG
+
+    def __init__(self, config, keys):
+        self.address_family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+        self.keys = keys
+        self.stopping = False
+        self._connections = set()
+        self._connections_changed = threading.Condition()
+        self._reload_lock = threading.Lock()
+        super().__init__((config.host, config.port), RequestHandler)
+        if config.issuer is None:
+            config = replace(config, issuer="http://localhost:%d" % self.server_address[1])
+        self.config = config
+        self.discovery_body = json_bytes(discovery_document(config.issuer))
+
+    def server_bind(self):
+        # HTTPServer.server_bind also calls socket.getfqdn(): a DNS lookup that
+        # can stall start-up for seconds. The name is not used.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    @property
+    def url(self):
+        host, port = self.server_address[:2]
+        return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
+
+    def track(self, handler, live):
+        with self._connections_changed:
+            if live:
+                self._connections.add(handler)
+            else:
+                self._connections.discard(handler)
+                self._connections_changed.notify_all()
+
+    def drain(self, timeout):
+        """After serve_forever() returns: close idle keep-alive connections,
+        let requests in flight finish, for at most `timeout` seconds."""
+        with self._connections_changed:
+            self.stopping = True
+            for handler in self._connections:
+                if handler.idle:
+                    try:
+                        handler.connection.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+            return self._connections_changed.wait_for(lambda: not self._connections, timeout)
+
+    def reload_keys(self):
+        """SIGHUP: read the key file again; a bad file keeps the old keys."""
+        with self._reload_lock:
+            old = self.keys
+            try:
+                self.keys = load_keyset(self.config.key_path)
+            except ConfigError as error:
+                log.error("key reload failed, still signing with kid %s: %s", old.kid, error)
+                return False
+            log.info("reloaded keys from %s: signing with kid %s, publishing %s",
+                     self.config.key_path, self.keys.kid, ", ".join(self.keys.kids))
+            return True
+
+    def handle_error(self, request, client_address):
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, socket.timeout)):
+            return  # a client that hangs up or stalls is not an error
+        log.exception("error on a connection from %s", client_address[0])
+
+
+# ---------------------------------------------------------------- commands and main
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise ConfigError(message)
+
+
+def build_parser():
+    parser = _ArgumentParser(
+        prog="jwt_issuer.py",
+        description="Mint ES256 JWTs at POST /auth/token and publish the public keys at "
+                    "GET /auth/jwks, for Vault/OpenBao jwt auth or any JWKS verifier.",
+        epilog="Flags win over the environment. The token endpoint is open: whoever reaches "
+               "it can mint a token for any subject, so it listens on 127.0.0.1 unless told "
+               "otherwise. SIGHUP reloads the key file; SIGTERM and SIGINT stop gracefully.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    parser.add_argument("--host", metavar="HOST",
+                        help="address to listen on (env JWT_ISSUER_HOST; default 127.0.0.1)")
+    parser.add_argument("--port", metavar="PORT",
+                        help="port, 0 for any free one (env JWT_ISSUER_PORT; default 8080)")
+    parser.add_argument("--key", metavar="FILE",
+                        help="private key: a JWK, a JWK Set (the first private key signs, all "
+                             "are published) or an EC P-256 PEM (env JWT_ISSUER_KEY; default "
+                             "./key.json, made if missing)")
+    parser.add_argument("--issuer", metavar="URL",
+                        help='the "iss" claim and discovery issuer, exactly (env '
+                             "JWT_ISSUER_ISSUER; default http://localhost:PORT)")
+    parser.add_argument("--audience", metavar="AUD", action="append",
+                        help='an "aud" value; repeat for several (env JWT_ISSUER_AUDIENCE, '
+                             "comma-separated; default none)")
+    parser.add_argument("--ttl", metavar="SECONDS",
+                        help="token lifetime (env JWT_ISSUER_TTL; default 3600)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND",
+                                     title="commands (instead of serving)")
+    genkey = commands.add_parser("genkey", help="write a new P-256 private JWK",
+                                 description="Write a new P-256 private JWK to stdout or FILE.")
+    genkey.add_argument("-o", "--output", metavar="FILE",
+                        help="write to FILE (mode 0600, never over an existing file)")
+    pem2jwk = commands.add_parser(
+        "pem2jwk", help="convert an EC P-256 PEM private key to a private JWK",
+        description="Convert an EC P-256 PEM private key (SEC1 or PKCS#8, as openssl "
+                    "writes) to the private JWK a key file holds.")
+    pem2jwk.add_argument("file", nargs="?", metavar="FILE", help="PEM file (default: stdin)")
+    pem2jwk.add_argument("-o", "--output", metavar="FILE",
+                         help="write to FILE (mode 0600, never over an existing file)")
+    return parser
+
+
+def write_jwk(jwk, output):
+    text = json.dumps(jwk, indent=2) + "\n"
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        write_new_file(output, text.encode())
+        print("wrote %s (kid %s)" % (output, jwk["kid"]), file=sys.stderr)
+    return 0
+
+
+def pem_to_jwk(path):
+    try:
+        if path is None:
+            data = sys.stdin.buffer.read()
+        else:
+            with open(path, "rb") as pem_file:
+                data = pem_file.read(1024 * 1024)
+    except OSError as error:
+        raise ConfigError("cannot read %s: %s" % (path, error.strerror or error)) from None
+    try:
+        return private_jwk(parse_pem_private_key(data))
+    except ValueError as error:
+        raise ConfigError("%s: %s" % (path or "stdin", error)) from None
+
+
+def _is_loopback(host):
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def configure_logging():
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def serve(config):
+    configure_logging()
+    keys = obtain_keys(config)
+    try:
+        server = IssuerServer(config, keys)
+    except OSError as error:
+        raise ConfigError("cannot listen on %s port %d: %s"
+                          % (config.host, config.port, error.strerror or error)) from None
+
+    def stop(signum, frame):
+        # shutdown() waits for serve_forever() to return, and this handler
+        # runs on the thread serving: call it from another thread.
+        threading.Thread(target=server.shutdown, name="shutdown").start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, lambda signum, frame: threading.Thread(
+            target=server.reload_keys, name="reload").start())
+    log.info("jwt_issuer %s: issuer %s, signing with kid %s, token lifetime %ds%s",
+             __version__, server.config.issuer, keys.kid, config.ttl,
+             ", audience " + ", ".join(config.audience) if config.audience else "")
+    if not _is_loopback(config.host):
+        log.warning("listening on %s: anyone who can reach it can mint a token for any subject",
+                    config.host)
+    print("listening on " + server.url, file=sys.stderr, flush=True)
+    server.serve_forever()
+    if not server.drain(DRAIN_TIMEOUT_SECONDS):
+        log.warning("stopping with requests still in flight after %ds", DRAIN_TIMEOUT_SECONDS)
+    server.server_close()
+    log.info("stopped")
+    return 0
+
+
+def main(argv=None, environ=None):
+    """The command line; returns the exit status: 0, or 2 for a configuration error."""
+    environ = os.environ if environ is None else environ
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "genkey":
+            return write_jwk(private_jwk(ec.generate_private_key(P256)), args.output)
+        if args.command == "pem2jwk":
+            return write_jwk(pem_to_jwk(args.file), args.output)
+        return serve(Config.from_args(args, environ))
+    except ConfigError as error:
+        print("jwt_issuer: error: %s" % error, file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
