@@ -74,6 +74,7 @@ LISTEN_BACKLOG = 128  # socketserver's 5 drops SYNs in bursts: clients retry aft
 # (RFC 7518 §6.2.1.2, §6.2.2.1); so are R and S in the signature (§3.4).
 P256_BYTES = 32
 P256 = ec.SECP256R1()
+P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551  # n, SEC 2 §2.4.2
 ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 
 # RFC 7638 thumbprint of key.json.example, which anyone can read: a server
@@ -225,13 +226,12 @@ def parse_jwk(jwk):
     private_key = None
     if "d" in jwk:
         d = _jwk_integer(jwk, "d")
-        try:
-            private_key = ec.derive_private_key(d, P256)
-        except ValueError:
-            raise ValueError('"d" is not a P-256 private key') from None
+        if not 0 < d < P256_ORDER:
+            raise ValueError('"d" is not a P-256 private key')
+        private_key = ec.derive_private_key(d, P256)
         if private_key.public_key().public_numbers() != public_key.public_numbers():
             raise ValueError('"x" and "y" do not match "d"')
-    return private_key, public_key, kid or thumbprint(public_jwk(public_key))
+    return private_key, public_key, kid
 
 
 def parse_pem_private_key(data):
@@ -270,7 +270,7 @@ class KeySet:
 
     @classmethod
     def from_keys(cls, keys):
-        """keys: (private_key or None, public_key, kid) in file order."""
+        """keys: (private_key or None, public_key, kid or None) in file order."""
         signing = next((k for k in keys if k[0] is not None), None)
         if signing is None:
             raise ValueError('no key has a private part ("d"): nothing to sign with')
@@ -280,8 +280,8 @@ class KeySet:
         for kid in kids:
             if kids.count(kid) > 1:
                 raise ValueError("kid %s is used by more than one key" % json.dumps(kid))
-        header = {"alg": "ES256", "typ": "JWT", "kid": signing[2]}
-        return cls(signing_key=signing[0], kid=signing[2], kids=kids,
+        header = {"alg": "ES256", "typ": "JWT", "kid": kids[0]}
+        return cls(signing_key=signing[0], kid=kids[0], kids=kids,
                    header_segment=b64url_encode(json_bytes(header)),
                    jwks_body=json_bytes({"keys": jwks}),
                    uses_example_key=any(thumbprint(jwk) == EXAMPLE_KEY_THUMBPRINT for jwk in jwks))
@@ -354,9 +354,7 @@ def subject_from_body(body):
     except UnicodeDecodeError:
         raise HTTPError(400, "invalid_request", "body is not UTF-8") from None
     except ValueError as error:
-        raise HTTPError(400, "invalid_request", "body is not valid JSON: %s"
-                        % ("duplicate member name" if "duplicate" in str(error) else "syntax error")
-                        ) from None
+        raise HTTPError(400, "invalid_request", "body is not valid JSON: %s" % error) from None
     if not isinstance(document, dict):
         raise HTTPError(400, "invalid_request", "body must be a JSON object")
     name = document.get("name")
@@ -674,7 +672,6 @@ class RequestHandler(BaseHTTPRequestHandler):
             if not self.raw_requestline:
                 self.close_connection = True
             elif len(self.raw_requestline) > MAX_REQUEST_LINE_BYTES:
-                self.linger = True
                 self.send_error(414)
             elif self.parse_request():
                 self._dispatch()
@@ -738,7 +735,7 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def send_error(self, code, message=None, explain=None):
         """The stdlib's own errors (400, 414, 431, 505), as JSON like ours."""
-        self.close_connection = True
+        self.close_connection = self.linger = True  # the rest of the request is unread
         description = STDLIB_ERRORS.get(code, REASONS.get(code, "error"))
         self._send_error(HTTPError(code, ERROR_CODES.get(code, "invalid_request"), description))
 
@@ -762,9 +759,9 @@ class RequestHandler(BaseHTTPRequestHandler):
         elif self.request_version == "HTTP/1.0":
             lines.append("Connection: keep-alive")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        self.wfile.write(head if self.command == "HEAD" else head + body)
         log.info('%s "%s" %d %d %.1fms', self.client_address[0], self._logged_requestline(),
                  status, len(body), (time.perf_counter() - self.started) * 1000)
+        self.wfile.write(head if self.command == "HEAD" else head + body)
 
     def _drain_input(self):
         # Closing a socket with unread input sends a reset, which can destroy
@@ -796,7 +793,7 @@ class IssuerServer(ThreadingHTTPServer):
     block_on_close = False  # drain() waits for requests in flight, with a deadline
     request_queue_size = LISTEN_BACKLOG
 
-    def __init__(self, config, keys):
+    def __init__(self, config, keys=None):
         self.address_family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
         self.keys = keys
         self.stopping = False
@@ -953,12 +950,16 @@ def configure_logging():
 
 def serve(config):
     configure_logging()
-    keys = obtain_keys(config)
     try:
-        server = IssuerServer(config, keys)
+        server = IssuerServer(config)
     except OSError as error:
         raise ConfigError("cannot listen on %s port %d: %s"
                           % (config.host, config.port, error.strerror or error)) from None
+    try:  # after the bind: a start that fails there makes no key file
+        server.keys = keys = obtain_keys(config)
+    except ConfigError:
+        server.server_close()
+        raise
 
     def stop(signum, frame):
         # shutdown() waits for serve_forever() to return, and this handler
