@@ -1,0 +1,1383 @@
+"""Tests for jwt_issuer.py.
+
+    python -m unittest -v          (pytest runs them too)
+
+The pure core is checked against known answers (RFC 4648, RFC 7515 A.3,
+RFC 7517 A.1 / RFC 7638); the HTTP edge against a real server on port 0 over
+real sockets; the command line as a subprocess. Tokens are checked by two
+independent verifiers, PyJWT (through the seed's own snippet) and joserfc:
+both are required, and a missing one fails the run instead of skipping.
+"""
+
+import base64
+import contextlib
+import http.client
+import io
+import json
+import logging
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+import jwt  # PyJWT, the seed's verifier
+import requests  # the seed's snippet fetches the JWKS with it
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
+from joserfc import jwt as joserfc_jwt
+from joserfc.jwk import ECKey as JoseECKey
+from joserfc.jwk import KeySet as JoseKeySet
+
+import jwt_issuer
+from jwt_issuer import (
+    Config,
+    ConfigError,
+    HTTPError,
+    KeySet,
+    b64url_decode,
+    b64url_encode,
+    der_to_raw_signature,
+    json_bytes,
+    make_claims,
+    parse_key_file,
+    private_jwk,
+    public_jwk,
+    sign_jws,
+    subject_from_body,
+    thumbprint,
+)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODULE = os.path.join(HERE, "jwt_issuer.py")
+P256 = ec.SECP256R1()
+
+# RFC 7515 Appendix A.3: an ES256 JWS, its key, signing input and signature.
+A3_JWK = {"kty": "EC", "crv": "P-256",
+          "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+          "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0",
+          "d": "jpsQnnGQmL-YBIffH1136cspYG6-0iY7X1fCE9-E9LI"}
+A3_PAYLOAD = b'{"iss":"joe",\r\n "exp":1300819380,\r\n "http://example.com/is_root":true}'
+A3_SIGNING_INPUT = ("eyJhbGciOiJFUzI1NiJ9."
+                    "eyJpc3MiOiJqb2UiLA0KICJleHAiOjEzMDA4MTkzODAsDQogImh0dHA6Ly9leGFtcGxl"
+                    "LmNvbS9pc19yb290Ijp0cnVlfQ")
+A3_SIGNATURE = ("DtEhU3ljbEg8L38VWAfUAqOyKAM6-Xx-F4GawxaepmXFCgfTjDxw5djxLa8ISlSA"
+                "pmWQxfKTUJqPP3-Kg6NU1Q")
+
+# RFC 7517 Appendix A.1: an EC public key, and its RFC 7638 thumbprint.
+A1_JWK = {"kty": "EC", "crv": "P-256",
+          "x": "MKBCTNIcKUSDii11ySs3526iDZ8AiTo7Tu6KPAqv7D4",
+          "y": "4Etl6SRW2YiLUrN5vfvVHuhp7x8PxltmWWlbbM4IFyM",
+          "use": "enc", "kid": "1"}
+A1_THUMBPRINT = "cn-I_WNMClehiVp51i_0VpOENW1upEerA8sEam5hn-s"
+
+# The verification snippet of the seed's README, word for word but for the
+# token and the URL, which the tests fill in.
+SEED_SNIPPET = '''
+import jwt
+import requests
+
+token = "TOKEN"
+jwk_url = "http://localhost:8080/auth/jwks"
+
+jwk = requests.get(jwk_url).json()
+key = jwt.algorithms.ECAlgorithm.from_jwk(jwk["keys"][0])
+data = jwt.decode(token, key=key, algorithms=['ES256'])
+print(data)
+'''
+SEED_CURL_BODY = b'{"name": "vishpat"}'
+JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+# ---------------------------------------------------------------- helpers
+
+def new_key():
+    return ec.generate_private_key(P256)
+
+
+def keyset_for(*private_keys):
+    return KeySet.from_keys([(k, k.public_key(), None) for k in private_keys])
+
+
+def key_with_short_coordinate(coordinate):
+    """The P-256 key with the smallest d whose x (or y) has a leading zero
+    byte: a deterministic search, about 256 tries."""
+    for d in range(1, 100000):
+        key = ec.derive_private_key(d, P256)
+        if getattr(key.public_key().public_numbers(), coordinate) < 2 ** 248:
+            return key
+    raise AssertionError("no such key in range")
+
+
+PEM_FORMATS = {"SEC1": serialization.PrivateFormat.TraditionalOpenSSL,
+               "PKCS8": serialization.PrivateFormat.PKCS8}
+
+
+def pem(key, fmt="PKCS8", encryption=None):
+    return key.private_bytes(serialization.Encoding.PEM, PEM_FORMATS[fmt],
+                             encryption or serialization.NoEncryption())
+
+
+def run_seed_snippet(token, jwks_url):
+    """The seed's verifier, run as written; returns the `data` it prints."""
+    code = SEED_SNIPPET.replace("TOKEN", token).replace(
+        "http://localhost:8080/auth/jwks", jwks_url)
+    namespace = {}
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        exec(code, namespace)
+    assert printed.getvalue().strip() == str(namespace["data"])
+    return namespace["data"]
+
+
+def verify_with_joserfc(token, jwks, **expected_claims):
+    """The second, independent verifier: joserfc, keys chosen by kid."""
+    keyset = JoseKeySet.import_key_set(jwks)
+    decoded = joserfc_jwt.decode(token, keyset, algorithms=["ES256"])
+    registry = joserfc_jwt.JWTClaimsRegistry(
+        exp={"essential": True}, nbf={"essential": True}, iat={"essential": True},
+        **{name: {"essential": True, "value": value} for name, value in expected_claims.items()})
+    registry.validate(decoded.claims)
+    return decoded.header, decoded.claims
+
+
+def verify_with_pyjwt(token, jwks, **options):
+    """PyJWT with the key picked by the token's kid, as JWKS clients do."""
+    kid = jwt.get_unverified_header(token)["kid"]
+    (member,) = [k for k in jwks["keys"] if k["kid"] == kid]
+    key = jwt.algorithms.ECAlgorithm.from_jwk(member)
+    return jwt.decode(token, key=key, algorithms=["ES256"], **options)
+
+
+def segments(token):
+    header, payload, signature = token.split(".")
+    return (json.loads(b64url_decode(header)), json.loads(b64url_decode(payload)),
+            b64url_decode(signature))
+
+
+@contextlib.contextmanager
+def serving(keys, **settings):
+    """A real server on 127.0.0.1, port 0, serving in a thread."""
+    server = jwt_issuer.IssuerServer(Config(host="127.0.0.1", port=0, **settings), keys)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()  # from this thread, not the serving one
+        server.drain(5)
+        server.server_close()
+        thread.join()
+
+
+def request(server, method, path, body=None, headers=None):
+    """One request on a new connection: (status, headers, body)."""
+    connection = http.client.HTTPConnection(*server.server_address[:2], timeout=10)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, response.headers, response.read()
+    finally:
+        connection.close()
+
+
+def read_response(stream):
+    """One response from a socket file: (status, headers, body), or None at EOF."""
+    status_line = stream.readline()
+    if not status_line:
+        return None
+    status = int(status_line.split(b" ", 2)[1])
+    headers = http.client.parse_headers(stream)
+    return status, headers, stream.read(int(headers["Content-Length"]))
+
+
+def exchange(server, data, timeout=10):
+    """Send raw bytes and end the sending side; read every response until the server closes."""
+    with socket.create_connection(server.server_address[:2], timeout=timeout) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        stream = sock.makefile("rb")
+        responses = []
+        while True:
+            response = read_response(stream)
+            if response is None:
+                return responses
+            responses.append(response)
+
+
+def jwks_of(server):
+    status, _, body = request(server, "GET", "/auth/jwks")
+    assert status == 200
+    return json.loads(body)
+
+
+class Process:
+    """python jwt_issuer.py as a subprocess; its stderr is collected as it comes."""
+
+    def __init__(self, *args, cwd=None, env=None):
+        self.proc = subprocess.Popen(
+            [sys.executable, MODULE, *args], cwd=cwd, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=dict(os.environ if env is None else env))
+        self.lines = []
+        self._queue = queue.Queue()
+        threading.Thread(target=self._collect, daemon=True).start()
+
+    def _collect(self):
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def wait_for(self, pattern, timeout=10):
+        """The first stderr line from now on that matches, or AssertionError."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._queue.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                line = None
+            if line is None:
+                raise AssertionError("no line matching %r in:\n%s" % (pattern, self.log))
+            match = re.search(pattern, line)
+            if match:
+                return match
+
+    def started(self):
+        match = self.wait_for(r"listening on (http://[^\s]+)")
+        self.url = match.group(1)
+        return self
+
+    def stop(self, signum=signal.SIGTERM):
+        self.proc.send_signal(signum)
+        try:
+            return self.proc.wait(10)
+        finally:
+            self.proc.stdout.close()
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stdout.close()
+
+    @property
+    def log(self):
+        return "".join(self.lines)
+
+    def get(self, path, **kwargs):
+        return requests.get(self.url + path, timeout=10, **kwargs)
+
+    def token(self, name="vishpat"):
+        response = requests.post(self.url + "/auth/token", data=json.dumps({"name": name}),
+                                 headers=JSON_HEADERS, timeout=10)
+        assert response.status_code == 200, response.text
+        return response.text
+
+
+def run_command(*args, cwd=None, env=None, input=None):
+    return subprocess.run([sys.executable, MODULE, *args], cwd=cwd, input=input,
+                          capture_output=True, timeout=30,
+                          env=dict(os.environ if env is None else env))
+
+
+class TempDirTestCase(unittest.TestCase):
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="jwt-issuer-test-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+
+    def write(self, name, content, mode=0o600):
+        path = os.path.join(self.dir, name)
+        if isinstance(content, (dict, list)):
+            content = json.dumps(content)
+        if isinstance(content, str):
+            content = content.encode()
+        with open(path, "wb") as f:
+            f.write(content)
+        os.chmod(path, mode)
+        return path
+
+
+# ---------------------------------------------------------------- the pure core
+
+class Base64urlTest(unittest.TestCase):
+    def test_known_answers(self):
+        # RFC 4648 §10 vectors, without padding; RFC 7515 Appendix C; both url-safe characters.
+        vectors = [(b"", ""), (b"f", "Zg"), (b"fo", "Zm8"), (b"foo", "Zm9v"), (b"foob", "Zm9vYg"),
+                   (b"fooba", "Zm9vYmE"), (b"foobar", "Zm9vYmFy"),
+                   (bytes([3, 236, 255, 224, 193]), "A-z_4ME"), (b"\xfb\xff", "-_8")]
+        for data, text in vectors:
+            with self.subTest(text=text):
+                self.assertEqual(b64url_encode(data), text)
+                self.assertEqual(b64url_decode(text), data)
+
+    def test_round_trip_every_length(self):
+        for length in range(70):
+            data = os.urandom(length)
+            self.assertEqual(b64url_decode(b64url_encode(data)), data)
+
+    def test_strict_decoder_refuses(self):
+        for text in ["Zg==", "Zg=", "Zm9v=", "+_8", "-/8", "Z g", "Zg\n", " Zg", "Z", "Zm9vY",
+                     "Zh",  # decodes to b"f" with stray low bits: not the canonical "Zg"
+                     "Zé", b"Zg", None]:
+            with self.subTest(text=text):
+                with self.assertRaises(ValueError):
+                    b64url_decode(text)
+
+
+class KeyTest(TempDirTestCase):
+    def test_thumbprint_rfc7517_a1_key(self):
+        self.assertEqual(thumbprint(A1_JWK), A1_THUMBPRINT)
+        self.assertEqual(JoseECKey.import_key(A1_JWK).thumbprint(), A1_THUMBPRINT)
+
+    def test_thumbprint_agrees_with_joserfc(self):
+        for _ in range(20):
+            jwk = public_jwk(new_key().public_key())
+            self.assertEqual(jwk["kid"], thumbprint(jwk))
+            self.assertEqual(thumbprint(jwk), JoseECKey.import_key(jwk).thumbprint())
+
+    def test_public_jwk_shape(self):
+        key = new_key()
+        jwk = public_jwk(key.public_key())
+        self.assertEqual(list(jwk), ["kty", "crv", "x", "y", "use", "alg", "kid"])
+        self.assertEqual((jwk["kty"], jwk["crv"], jwk["use"], jwk["alg"]),
+                         ("EC", "P-256", "sig", "ES256"))
+        self.assertEqual(public_jwk(key.public_key(), "given")["kid"], "given")
+
+    def test_coordinates_with_a_leading_zero_byte_are_published_as_32_bytes(self):
+        for coordinate in ("x", "y"):
+            with self.subTest(coordinate=coordinate):
+                key = key_with_short_coordinate(coordinate)
+                value = getattr(key.public_key().public_numbers(), coordinate)
+                self.assertLess(value.bit_length(), 249)  # the case under test
+                jwk = public_jwk(key.public_key())
+                self.assertEqual(len(b64url_decode(jwk[coordinate])), 32)
+                self.assertEqual(len(jwk[coordinate]), 43)
+                self.assertEqual(b64url_decode(jwk[coordinate])[0], 0)
+                # ... as served, and a token signed with it verifies twice over
+                keys = parse_key_file(json_bytes(private_jwk(key)))
+                with serving(keys) as server:
+                    served = jwks_of(server)
+                    self.assertEqual(served["keys"][0][coordinate], jwk[coordinate])
+                    _, _, token = request(server, "POST", "/auth/token", SEED_CURL_BODY,
+                                          JSON_HEADERS)
+                    token = token.decode()
+                    self.assertEqual(run_seed_snippet(token, server.url + "/auth/jwks")["sub"],
+                                     "vishpat")
+                    verify_with_joserfc(token, served, sub="vishpat")
+
+    def test_private_jwk_is_32_bytes_even_for_a_small_d(self):
+        jwk = private_jwk(ec.derive_private_key(1, P256))
+        self.assertEqual(list(jwk), ["kty", "crv", "x", "y", "d", "kid"])
+        self.assertEqual(b64url_decode(jwk["d"]), (1).to_bytes(32, "big"))
+        for name in ("x", "y", "d"):
+            self.assertEqual(len(b64url_decode(jwk[name])), 32)
+
+    def test_a_short_coordinate_is_read_and_written_back_in_full(self):
+        key = key_with_short_coordinate("x")
+        jwk = private_jwk(key)
+        jwk["x"] = b64url_encode(b64url_decode(jwk["x"]).lstrip(b"\0"))  # as some tools write it
+        keys = parse_key_file(json_bytes(jwk))
+        published = json.loads(keys.jwks_body)["keys"][0]
+        self.assertEqual(len(b64url_decode(published["x"])), 32)
+        self.assertEqual(keys.kid, public_jwk(key.public_key())["kid"])
+
+    def test_private_jwk_round_trip(self):
+        key = new_key()
+        keys = parse_key_file(json_bytes(private_jwk(key)))
+        self.assertEqual(keys.kid, thumbprint(public_jwk(key.public_key())))
+        self.assertEqual(keys.signing_key.private_numbers(), key.private_numbers())
+
+    def test_given_kid_is_kept(self):
+        jwk = dict(private_jwk(new_key()), kid="2026-11")
+        self.assertEqual(parse_key_file(json_bytes(jwk)).kid, "2026-11")
+        del jwk["kid"]
+        self.assertEqual(parse_key_file(json_bytes(jwk)).kid, thumbprint(jwk))
+
+    def test_pem_sec1_and_pkcs8(self):
+        key = new_key()
+        for fmt in PEM_FORMATS:
+            with self.subTest(fmt=fmt):
+                keys = parse_key_file(pem(key, fmt))
+                self.assertEqual(keys.kid, public_jwk(key.public_key())["kid"])
+                self.assertEqual(keys.signing_key.private_numbers(), key.private_numbers())
+
+    def test_jwk_set_first_private_key_signs_all_are_published(self):
+        old, new, spare = new_key(), new_key(), new_key()
+        old_public = public_jwk(old.public_key())
+        document = {"keys": [old_public, private_jwk(new), private_jwk(spare)]}
+        keys = parse_key_file(json_bytes(document))
+        kid = public_jwk(new.public_key())["kid"]
+        self.assertEqual(keys.kid, kid)
+        self.assertEqual(keys.signing_key.private_numbers(), new.private_numbers())
+        published = json.loads(keys.jwks_body)["keys"]
+        self.assertEqual([k["kid"] for k in published],
+                         [kid, old_public["kid"], public_jwk(spare.public_key())["kid"]])
+        for member in published:
+            self.assertEqual(sorted(member), ["alg", "crv", "kid", "kty", "use", "x", "y"])
+        header, _, _ = segments(keys.sign({"sub": "x"}))
+        self.assertEqual(header["kid"], kid)
+
+    def test_example_key_is_recognised_by_content(self):
+        with open(os.path.join(HERE, "key.json.example"), "rb") as f:
+            example = json.load(f)
+        self.assertTrue(parse_key_file(json_bytes(example)).uses_example_key)
+        renamed = dict(example, kid="innocent")
+        self.assertTrue(parse_key_file(json_bytes(renamed)).uses_example_key)
+        published_only = {"keys": [private_jwk(new_key()), {k: v for k, v in example.items()
+                                                            if k != "d"}]}
+        self.assertTrue(parse_key_file(json_bytes(published_only)).uses_example_key)
+        self.assertFalse(parse_key_file(json_bytes(private_jwk(new_key()))).uses_example_key)
+
+    def test_bad_key_files_are_refused_with_their_reason(self):
+        key, other = new_key(), new_key()
+        good = private_jwk(key)
+        public = {k: v for k, v in good.items() if k != "d"}
+        numbers = key.public_key().public_numbers()
+        off_curve = dict(good, y=b64url_encode(((numbers.y + 1) % 2 ** 256).to_bytes(32, "big")))
+        n = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551  # P-256 order
+        rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        p384 = ec.generate_private_key(ec.SECP384R1())
+        cases = [
+            (b"", "the file is empty"),
+            (b"  \n", "the file is empty"),
+            (b"not json", "neither a PEM key nor valid JSON "
+                          "(Expecting value: line 1 column 1 (char 0))"),
+            (b"\xff\xfe", "neither a PEM key nor valid JSON ("),
+            (b'{"kty": "EC", "kty": "EC"}', "neither a PEM key nor valid JSON "
+                                            "(duplicate member name)"),
+            (b"[]", "not a JSON object"),
+            (json_bytes({k: v for k, v in good.items() if k != "kty"}), '"kty" is missing'),
+            (json_bytes(dict(good, kty="RSA")), '"kty" must be "EC", not "RSA"'),
+            (json_bytes(dict(good, crv="P-384")), '"crv" must be "P-256", not "P-384"'),
+            (json_bytes({k: v for k, v in good.items() if k != "crv"}), '"crv" is missing'),
+            (json_bytes(dict(good, alg="RS256")), '"alg" must be "ES256", not "RS256"'),
+            (json_bytes(dict(good, use="enc")), '"use" must be "sig", not "enc"'),
+            (json_bytes(dict(good, kid="")), '"kid" must be a non-empty string'),
+            (json_bytes(dict(good, kid=7)), '"kid" must be a non-empty string'),
+            (json_bytes({k: v for k, v in good.items() if k != "x"}), '"x" is missing'),
+            (json_bytes(dict(good, x=good["x"] + "=")),
+             '"x" is not base64url (RFC 7515 §2: "-" and "_", no "=" padding)'),
+            (json_bytes(dict(good, y=base64.b64encode(b"\xfb" * 32).decode())),
+             '"y" is not base64url (RFC 7515 §2: "-" and "_", no "=" padding)'),
+            (json_bytes(dict(good, x=7)),
+             '"x" is not base64url (RFC 7515 §2: "-" and "_", no "=" padding)'),
+            (json_bytes(dict(good, x=b64url_encode(b"\1" * 33))), '"x" is 33 bytes, not 32'),
+            (json_bytes(dict(good, d="")), '"d" is 0 bytes, not 32'),
+            (json_bytes(off_curve), '"x" and "y" are not a point on P-256'),
+            (json_bytes(dict(good, d=b64url_encode(bytes(32)))), '"d" is not a P-256 private key'),
+            (json_bytes(dict(good, d=b64url_encode(n.to_bytes(32, "big")))),
+             '"d" is not a P-256 private key'),
+            (json_bytes(dict(good, d=private_jwk(other)["d"])), '"x" and "y" do not match "d"'),
+            (json_bytes(public), 'no key has a private part ("d"): nothing to sign with'),
+            (json_bytes({"keys": []}), '"keys" must be a non-empty list of JWKs'),
+            (json_bytes({"keys": {}}), '"keys" must be a non-empty list of JWKs'),
+            (json_bytes({"keys": [public]}), 'no key has a private part ("d"): nothing to sign with'),
+            (json_bytes({"keys": [good, "x"]}), "key 2: not a JSON object"),
+            (json_bytes({"keys": [good, {"kty": "RSA", "n": "AQAB", "e": "AQAB"}]}),
+             'key 2: "kty" must be "EC", not "RSA"'),
+            (json_bytes({"keys": [good, dict(public, crv="P-521")]}),
+             'key 2: "crv" must be "P-256", not "P-521"'),
+            (json_bytes({"keys": [good, public]}),
+             "kid %s is used by more than one key" % json.dumps(good["kid"])),
+            (json_bytes({"keys": [dict(good, kid="a"), dict(private_jwk(other), kid="a")]}),
+             'kid "a" is used by more than one key'),
+            (pem(rsa_key), "PEM key is not an EC key; ES256 needs EC P-256"),
+            (pem(p384), "PEM key is on secp384r1, not P-256 (prime256v1)"),
+            (pem(key, encryption=serialization.BestAvailableEncryption(b"secret")),
+             "PEM key is encrypted; decrypt it first (openssl pkey -in KEY.pem -out PLAIN.pem)"),
+            (key.public_key().public_bytes(serialization.Encoding.PEM,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo),
+             "PEM holds a public key; the issuer needs the private key"),
+            (b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+             "not a readable PEM private key"),
+        ]
+        for content, message in cases:
+            with self.subTest(message=message):
+                with self.assertRaises(ValueError) as caught:
+                    parse_key_file(content)
+                if message.endswith("("):
+                    self.assertTrue(str(caught.exception).startswith(message), caught.exception)
+                else:
+                    self.assertEqual(str(caught.exception), message)
+                # the file edge names the file; the private key never appears
+                path = self.write("bad.json", content)
+                with self.assertRaises(ConfigError) as caught:
+                    jwt_issuer.load_keyset(path)
+                self.assertTrue(str(caught.exception).startswith("key file %s: " % path))
+                self.assertNotIn(good["d"], str(caught.exception))
+
+    def test_key_file_read_errors(self):
+        missing = os.path.join(self.dir, "missing.json")
+        cases = [(missing, "key file %s does not exist" % missing),
+                 (self.dir, "cannot read key file %s: Is a directory" % self.dir)]
+        for path, message in cases:
+            with self.subTest(path=path):
+                with self.assertRaises(ConfigError) as caught:
+                    jwt_issuer.load_keyset(path)
+                self.assertEqual(str(caught.exception), message)
+
+
+class SigningTest(unittest.TestCase):
+    def setUp(self):
+        self.a3_key = parse_key_file(json_bytes(A3_JWK)).signing_key
+
+    def test_rfc7515_a3_signing_input_byte_for_byte(self):
+        header_segment = b64url_encode(json_bytes({"alg": "ES256"}))
+        payload_segment = b64url_encode(A3_PAYLOAD)
+        token = sign_jws(self.a3_key, header_segment, payload_segment)
+        self.assertEqual(token.rsplit(".", 1)[0], A3_SIGNING_INPUT)
+        # ECDSA signatures are randomised; ours verifies with the RFC's public key.
+        pyjwt_payload = jwt.api_jws.PyJWS().decode(
+            token, key=self.a3_key.public_key(), algorithms=["ES256"])
+        self.assertEqual(pyjwt_payload, A3_PAYLOAD)
+
+    def test_rfc7515_a3_published_signature_through_our_raw_handling(self):
+        raw = b64url_decode(A3_SIGNATURE)
+        r, s = int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big")
+        der = encode_dss_signature(r, s)
+        self.a3_key.public_key().verify(der, A3_SIGNING_INPUT.encode(), ec.ECDSA(hashes.SHA256()))
+        self.assertEqual(der_to_raw_signature(der), raw)
+        # and the whole published JWS verifies with PyJWT
+        published = A3_SIGNING_INPUT + "." + A3_SIGNATURE
+        self.assertEqual(jwt.api_jws.PyJWS().decode(
+            published, key=self.a3_key.public_key(), algorithms=["ES256"]), A3_PAYLOAD)
+
+    def test_raw_signature_is_64_bytes_for_short_r_and_s(self):
+        n = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+        for r, s in [(1, 1), (1, n - 1), (n - 1, 1), (2 ** 248 - 1, 2 ** 255),
+                     (255, 2 ** 8), (n - 1, n - 1)]:
+            with self.subTest(r=r, s=s):
+                raw = der_to_raw_signature(encode_dss_signature(r, s))
+                self.assertEqual(len(raw), 64)
+                self.assertEqual(raw, r.to_bytes(32, "big") + s.to_bytes(32, "big"))
+
+    def test_real_signatures_with_a_short_r_or_s_still_verify(self):
+        key = new_key()
+        keys = keyset_for(key)
+        jwks = json.loads(keys.jwks_body)
+        claims = make_claims("vishpat", issuer="http://localhost", audience=(), ttl=60,
+                             now=int(time.time()), jti="j")
+        found = set()
+        for attempt in range(20000):  # about one signature in 128 has a short R or S
+            token = keys.sign(claims)
+            signature = segments(token)[2]
+            self.assertEqual(len(signature), 64)
+            for half, value in (("r", signature[:32]), ("s", signature[32:])):
+                if value[0] == 0 and half not in found:
+                    found.add(half)
+                    self.assertEqual(verify_with_pyjwt(token, jwks)["sub"], "vishpat")
+                    verify_with_joserfc(token, jwks, sub="vishpat")
+            if found == {"r", "s"}:
+                break
+        self.assertEqual(found, {"r", "s"})
+
+    def test_make_claims(self):
+        common = dict(issuer="https://issuer.example", ttl=600, now=1700000000, jti="id1")
+        base = {"iss": "https://issuer.example", "sub": "alice"}
+        times = {"iat": 1700000000, "nbf": 1700000000, "exp": 1700000600, "jti": "id1"}
+        self.assertEqual(make_claims("alice", audience=(), **common), {**base, **times})
+        self.assertEqual(list(make_claims("alice", audience=(), **common)),
+                         ["iss", "sub", "iat", "nbf", "exp", "jti"])
+        self.assertEqual(make_claims("alice", audience=("vault",), **common),
+                         {**base, "aud": "vault", **times})
+        self.assertEqual(make_claims("alice", audience=("a", "b"), **common),
+                         {**base, "aud": ["a", "b"], **times})
+
+    def test_token_shape(self):
+        key = new_key()
+        keys = keyset_for(key)
+        claims = make_claims("vishpat", issuer="http://localhost:8080", audience=(), ttl=3600,
+                             now=int(time.time()), jti="abc")
+        token = keys.sign(claims)
+        header_segment, payload_segment, _ = token.split(".")
+        self.assertEqual(b64url_decode(header_segment),
+                         b'{"alg":"ES256","typ":"JWT","kid":"%s"}' % keys.kid.encode())
+        self.assertEqual(b64url_decode(payload_segment), json.dumps(claims, separators=(",", ":"))
+                         .encode())
+        self.assertNotIn("=", token)
+        jwks = json.loads(keys.jwks_body)
+        self.assertEqual(verify_with_pyjwt(token, jwks), claims)
+        self.assertEqual(verify_with_joserfc(token, jwks, iss="http://localhost:8080")[1], claims)
+
+    def test_non_ascii_subject_is_utf8_json(self):
+        keys = keyset_for(new_key())
+        token = keys.sign({"sub": "zoë ☃ 𝄞"})
+        self.assertEqual(b64url_decode(token.split(".")[1]), '{"sub":"zoë ☃ 𝄞"}'.encode())
+        self.assertEqual(verify_with_pyjwt(token, json.loads(keys.jwks_body))["sub"], "zoë ☃ 𝄞")
+
+    def test_subject_from_body(self):
+        good = {b'{"name": "vishpat"}': "vishpat", b'{"name":"x","other":1}': "x",
+                json_bytes({"name": "a" * 256}): "a" * 256, json_bytes({"name": "zoë"}): "zoë",
+                b'{"name": "\\u00e9"}': "é", b'{"name": " spaced "}': " spaced "}
+        for body, name in good.items():
+            self.assertEqual(subject_from_body(body), name)
+        bad = {
+            b"": "body is not valid JSON: Expecting value: line 1 column 1 (char 0)",
+            b"{": "body is not valid JSON: Expecting property name enclosed in double quotes: "
+                  "line 1 column 2 (char 1)",
+            b"\xff": "body is not UTF-8",
+            b'{"name": "vishpat", "name": "root"}': "body is not valid JSON: duplicate member name",
+            b'{"name": NaN}': "body is not valid JSON: NaN is not JSON",
+            b"[" * 3000 + b"]" * 3000: "body is not valid JSON: nested too deeply",
+            b'["vishpat"]': "body must be a JSON object",
+            b'"vishpat"': "body must be a JSON object",
+            b"{}": "name is required",
+            b'{"name": null}': "name is required",
+            b'{"name": 7}': "name must be a string",
+            b'{"name": ["a"]}': "name must be a string",
+            b'{"name": ""}': "name must not be empty",
+            json_bytes({"name": "a" * 257}): "name is longer than 256 characters",
+            b'{"name": "a\\u0000b"}': "name must not contain control characters",
+            b'{"name": "a\\nb"}': "name must not contain control characters",
+            b'{"name": "a\\u001fb"}': "name must not contain control characters",
+            b'{"name": "a\\u007fb"}': "name must not contain control characters",
+            b'{"name": "\\ud800"}': "name is not valid Unicode",
+        }
+        for body, description in bad.items():
+            with self.subTest(body=body[:40]):
+                with self.assertRaises(HTTPError) as caught:
+                    subject_from_body(body)
+                self.assertEqual((caught.exception.status, caught.exception.error,
+                                  caught.exception.description),
+                                 (400, "invalid_request", description))
+
+
+class ConfigTest(unittest.TestCase):
+    def config(self, argv=(), environ=None):
+        args = jwt_issuer.build_parser().parse_args(list(argv))
+        return Config.from_args(args, environ or {})
+
+    def test_defaults(self):
+        self.assertEqual(self.config(), Config(host="127.0.0.1", port=8080, key_path="./key.json",
+                                               key_path_given=False, issuer=None, audience=(),
+                                               ttl=3600))
+
+    def test_environment_then_flags(self):
+        environ = {"JWT_ISSUER_HOST": "0.0.0.0", "JWT_ISSUER_PORT": "9000",
+                   "JWT_ISSUER_KEY": "/etc/k.json", "JWT_ISSUER_ISSUER": "https://i.example",
+                   "JWT_ISSUER_AUDIENCE": "vault, openbao,,", "JWT_ISSUER_TTL": "60"}
+        self.assertEqual(self.config(environ=environ),
+                         Config(host="0.0.0.0", port=9000, key_path="/etc/k.json",
+                                key_path_given=True, issuer="https://i.example",
+                                audience=("vault", "openbao"), ttl=60))
+        flags = ["--host", "::1", "--port", "0", "--key", "k.pem", "--issuer", "http://x:1",
+                 "--audience", "a", "--audience", "b,c", "--ttl", "5"]
+        self.assertEqual(self.config(flags, environ),
+                         Config(host="::1", port=0, key_path="k.pem", key_path_given=True,
+                                issuer="http://x:1", audience=("a", "b,c"), ttl=5))
+
+    def test_any_audience_flag_replaces_the_environment_list(self):
+        config = self.config(["--audience", "only"], {"JWT_ISSUER_AUDIENCE": "a,b"})
+        self.assertEqual(config.audience, ("only",))
+
+    def test_empty_environment_values_count_as_unset(self):
+        environ = dict.fromkeys(jwt_issuer.ENVIRONMENT.values(), "")
+        self.assertEqual(self.config(environ=environ), Config())
+
+    def test_errors(self):
+        cases = [
+            (["--port", "http"], {}, '--port must be an integer from 0 to 65535, not "http"'),
+            (["--port", "65536"], {}, '--port must be an integer from 0 to 65535, not "65536"'),
+            ([], {"JWT_ISSUER_PORT": "80a"},
+             'JWT_ISSUER_PORT must be an integer from 0 to 65535, not "80a"'),
+            (["--ttl", "0"], {}, '--ttl must be an integer from 1 to 10000000000, not "0"'),
+            (["--ttl", "-5"], {}, '--ttl must be an integer from 1 to 10000000000, not "-5"'),
+            (["--ttl", "1.5"], {}, '--ttl must be an integer from 1 to 10000000000, not "1.5"'),
+            ([], {"JWT_ISSUER_TTL": " 60"},
+             'JWT_ISSUER_TTL must be an integer from 1 to 10000000000, not " 60"'),
+            ([], {"JWT_ISSUER_TTL": "1_000"},
+             'JWT_ISSUER_TTL must be an integer from 1 to 10000000000, not "1_000"'),
+            ([], {"JWT_ISSUER_TTL": "\u0665"},  # an Arabic-Indic five: int() would take it
+             'JWT_ISSUER_TTL must be an integer from 1 to 10000000000, not "\\u0665"'),
+            (["--issuer", "localhost:8080"], {}, "issuer must be an http(s) URL with a host and "
+                                                 'no query or fragment, not "localhost:8080"'),
+            (["--issuer", "https://x.example/?a=1"], {}, "issuer must be an http(s) URL with a "
+             'host and no query or fragment, not "https://x.example/?a=1"'),
+            (["--issuer", ""], {}, "issuer must be an http(s) URL with a host and no query or "
+                                   'fragment, not ""'),
+            (["--host", ""], {}, "host must not be empty (0.0.0.0 listens on every IPv4 address)"),
+            (["--key", ""], {}, "key file name must not be empty"),
+            (["--audience", ""], {}, "an audience must be a non-empty string"),
+            (["--nope"], {}, "unrecognized arguments: --nope"),
+            (["--port"], {}, "argument --port: expected one argument"),
+        ]
+        for argv, environ, message in cases:
+            with self.subTest(argv=argv, environ=environ):
+                with self.assertRaises(ConfigError) as caught:
+                    self.config(argv, environ)
+                self.assertEqual(str(caught.exception), message)
+
+
+# ---------------------------------------------------------------- a real server
+
+class ServerTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.key = new_key()
+        cls.d = private_jwk(cls.key)["d"]
+        cls.context = serving(keyset_for(cls.key), ttl=600)
+        cls.server = cls.context.__enter__()
+        cls.jwks_url = cls.server.url + "/auth/jwks"
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.context.__exit__(None, None, None)
+
+    def setUp(self):
+        # Every test ends with the server still serving.
+        self.addCleanup(lambda: self.assertEqual(request(self.server, "GET", "/healthz")[0], 200))
+
+    def token(self, name="vishpat", headers=JSON_HEADERS):
+        status, response_headers, body = request(
+            self.server, "POST", "/auth/token", json_bytes({"name": name}), headers)
+        self.assertEqual(status, 200, body)
+        return body.decode("ascii")
+
+    def assert_error(self, response, status, error, description=None):
+        got_status, headers, body = response
+        self.assertEqual(got_status, status, body)
+        self.assertEqual(headers["Content-Type"], "application/json")
+        document = json.loads(body)
+        self.assertEqual(sorted(document), ["error", "error_description"])
+        self.assertEqual(document["error"], error)
+        if description is not None:
+            self.assertEqual(document["error_description"], description)
+        # RFC 6749 §5.2: the description stays within %x20-21 / %x23-5B / %x5D-7E
+        self.assertRegex(document["error_description"], r'^[\x20-\x21\x23-\x5b\x5d-\x7e]*$')
+        return headers
+
+    def test_the_seed_curl_line_and_python_snippet(self):
+        # curl -X POST http://localhost:8080/auth/token -d '{"name": "vishpat"}' \
+        #      -H 'Content-Type: application/json'
+        status, headers, body = request(self.server, "POST", "/auth/token", SEED_CURL_BODY,
+                                        {"Content-Type": "application/json"})
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["Content-Type"], "text/plain")
+        self.assertEqual(headers["Cache-Control"], "no-store")
+        token = body.decode("ascii")
+        self.assertRegex(token, r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]{86}$")
+        data = run_seed_snippet(token, self.jwks_url)
+        self.assertEqual(data["sub"], "vishpat")
+        header, claims = verify_with_joserfc(token, jwks_of(self.server), sub="vishpat",
+                                             iss=self.server.config.issuer)
+        self.assertEqual(header, {"alg": "ES256", "typ": "JWT", "kid": thumbprint(
+            public_jwk(self.key.public_key()))})
+        self.assertEqual(list(claims), ["iss", "sub", "iat", "nbf", "exp", "jti"])
+        self.assertEqual(claims, data)
+        self.assertEqual(claims["iss"], "http://localhost:%d" % self.server.server_address[1])
+        self.assertEqual(claims["nbf"], claims["iat"])
+        self.assertEqual(claims["exp"] - claims["iat"], 600)
+        self.assertLessEqual(abs(claims["iat"] - time.time()), 5)
+
+    def test_token_as_json_with_accept(self):
+        for accept in ("application/json", "text/html, application/json;q=0.9",
+                       "Application/JSON; charset=utf-8"):
+            with self.subTest(accept=accept):
+                status, headers, body = request(
+                    self.server, "POST", "/auth/token", SEED_CURL_BODY,
+                    {"Content-Type": "application/json", "Accept": accept})
+                self.assertEqual(status, 200)
+                self.assertEqual(headers["Content-Type"], "application/json")
+                self.assertEqual(headers["Cache-Control"], "no-store")
+                self.assertEqual(headers["Pragma"], "no-cache")
+                document = json.loads(body)
+                self.assertEqual(list(document), ["access_token", "token_type", "expires_in"])
+                self.assertEqual((document["token_type"], document["expires_in"]), ("Bearer", 600))
+                self.assertEqual(verify_with_pyjwt(document["access_token"],
+                                                   jwks_of(self.server))["sub"], "vishpat")
+        status, headers, _ = request(self.server, "POST", "/auth/token", SEED_CURL_BODY,
+                                     {"Content-Type": "application/json", "Accept": "*/*"})
+        self.assertEqual(headers["Content-Type"], "text/plain")
+
+    def test_content_type_may_be_absent_or_carry_parameters(self):
+        for headers in ({}, {"Content-Type": "application/json; charset=utf-8"},
+                        {"Content-Type": "APPLICATION/JSON"}):
+            with self.subTest(headers=headers):
+                status, _, body = request(self.server, "POST", "/auth/token", SEED_CURL_BODY,
+                                          headers)
+                self.assertEqual(status, 200, body)
+
+    def test_every_jti_is_distinct(self):
+        jtis = {segments(self.token())[1]["jti"] for _ in range(50)}
+        self.assertEqual(len(jtis), 50)
+
+    def test_names_are_subjects_exactly(self):
+        for name in ("vishpat", "zoë", "svc:deploy/prod", "a" * 256, "日本"):
+            with self.subTest(name=name):
+                token = self.token(name)
+                self.assertEqual(run_seed_snippet(token, self.jwks_url)["sub"], name)
+                self.assertEqual(verify_with_joserfc(token, jwks_of(self.server))[1]["sub"], name)
+
+    def test_jwks(self):
+        status, headers, body = request(self.server, "GET", "/auth/jwks")
+        self.assertEqual((status, headers["Content-Type"]), (200, "application/json"))
+        self.assertEqual(json.loads(body), {"keys": [public_jwk(self.key.public_key())]})
+        self.assertEqual(request(self.server, "GET", "/.well-known/jwks.json")[2], body)
+        (member,) = json.loads(body)["keys"]
+        self.assertEqual(list(member), ["kty", "crv", "x", "y", "use", "alg", "kid"])
+
+    def test_discovery(self):
+        status, _, body = request(self.server, "GET", "/.well-known/openid-configuration")
+        self.assertEqual(status, 200)
+        base = "http://localhost:%d" % self.server.server_address[1]
+        self.assertEqual(json.loads(body), {
+            "issuer": base, "jwks_uri": base + "/auth/jwks",
+            "token_endpoint": base + "/auth/token",
+            "id_token_signing_alg_values_supported": ["ES256"],
+            "response_types_supported": ["id_token"], "subject_types_supported": ["public"]})
+
+    def test_healthz(self):
+        status, headers, body = request(self.server, "GET", "/healthz")
+        self.assertEqual((status, headers["Content-Type"], json.loads(body)),
+                         (200, "application/json", {"status": "ok"}))
+
+    def test_no_private_part_in_any_answer(self):
+        answers = [request(self.server, method, path, body, headers)
+                   for method, path, body, headers in [
+                       ("GET", "/auth/jwks", None, {}),
+                       ("GET", "/.well-known/jwks.json", None, {}),
+                       ("GET", "/.well-known/openid-configuration", None, {}),
+                       ("GET", "/healthz", None, {}),
+                       ("POST", "/auth/token", SEED_CURL_BODY, JSON_HEADERS),
+                       ("POST", "/auth/token", b"{", JSON_HEADERS),
+                       ("GET", "/nope", None, {}),
+                       ("DELETE", "/auth/jwks", None, {})]]
+        for status, headers, body in answers:
+            self.assertNotIn(self.d.encode(), body)
+            self.assertNotIn(b'"d"', body)
+            self.assertNotIn(self.d, str(headers))
+
+    def test_security_headers_on_every_answer(self):
+        for method, path in [("GET", "/auth/jwks"), ("GET", "/nope"), ("PUT", "/auth/token"),
+                             ("POST", "/auth/token")]:
+            with self.subTest(method=method, path=path):
+                _, headers, _ = request(self.server, method, path, SEED_CURL_BODY, JSON_HEADERS)
+                self.assertEqual(headers["X-Content-Type-Options"], "nosniff")
+                self.assertIsNone(headers["Server"])
+                self.assertIsNotNone(headers["Date"])
+
+    def test_bad_bodies_are_400(self):
+        long_name = json_bytes({"name": "a" * 257})
+        for body in [b"{", b"[]", b"{}", b'{"name": null}', b'{"name": 5}', b'{"name": ""}',
+                     long_name, b'{"name": "a\\u0000"}', b'{"name": "a\\u0007"}', b"\xff\xfe",
+                     b'{"name": "a", "name": "b"}', b"", b'{"name": "\\udfff"}']:
+            with self.subTest(body=body[:30]):
+                self.assert_error(request(self.server, "POST", "/auth/token", body, JSON_HEADERS),
+                                  400, "invalid_request")
+
+    def test_unknown_path_is_404(self):
+        for path in ("/", "/nope", "/auth/token/", "/auth/jwks/", "/AUTH/JWKS", "/auth/../auth/jwks",
+                     "/healthz.json"):
+            with self.subTest(path=path):
+                self.assert_error(request(self.server, "GET", path), 404, "not_found",
+                                  "no such endpoint")
+
+    def test_wrong_method_is_405_with_allow(self):
+        cases = [("GET", "/auth/token", "POST"), ("PUT", "/auth/token", "POST"),
+                 ("PATCH", "/auth/token", "POST"), ("DELETE", "/auth/token", "POST"),
+                 ("POST", "/auth/jwks", "GET, HEAD"), ("PATCH", "/auth/jwks", "GET, HEAD"),
+                 ("OPTIONS", "/healthz", "GET, HEAD"), ("BREW", "/.well-known/jwks.json", "GET, HEAD"),
+                 ("get", "/auth/jwks", "GET, HEAD")]
+        for method, path, allow in cases:
+            with self.subTest(method=method, path=path):
+                headers = self.assert_error(request(self.server, method, path), 405,
+                                            "method_not_allowed", "this path allows " + allow)
+                self.assertEqual(headers["Allow"], allow)
+
+    def test_head_answers_as_get_without_a_body(self):
+        connection = http.client.HTTPConnection(*self.server.server_address[:2], timeout=10)
+        try:
+            connection.request("HEAD", "/auth/jwks")
+            response = connection.getresponse()
+            self.assertEqual(response.status, 200)
+            self.assertEqual(int(response.headers["Content-Length"]),
+                             len(request(self.server, "GET", "/auth/jwks")[2]))
+            self.assertEqual(response.read(), b"")
+            connection.request("HEAD", "/auth/token")  # same connection: nothing stray on it
+            response = connection.getresponse()
+            self.assertEqual((response.status, response.headers["Allow"]), (405, "POST"))
+            self.assertEqual(response.read(), b"")
+            connection.request("GET", "/healthz")
+            self.assertEqual(connection.getresponse().read(), b'{"status":"ok"}')
+        finally:
+            connection.close()
+
+    def test_unsupported_content_type_is_415(self):
+        for content_type in ("text/plain", "application/x-www-form-urlencoded",
+                             "application/jsonx", "multipart/form-data; boundary=x", ""):
+            with self.subTest(content_type=content_type):
+                self.assert_error(request(self.server, "POST", "/auth/token", SEED_CURL_BODY,
+                                          {"Content-Type": content_type}),
+                                  415, "invalid_request", "Content-Type must be application/json")
+
+    def test_missing_length_is_411(self):
+        connection = http.client.HTTPConnection(*self.server.server_address[:2], timeout=10)
+        try:
+            connection.putrequest("POST", "/auth/token")
+            connection.putheader("Content-Type", "application/json")
+            connection.endheaders()
+            response = connection.getresponse()
+            self.assert_error((response.status, response.headers, response.read()), 411,
+                              "invalid_request", "Content-Length is required")
+        finally:
+            connection.close()
+
+    def test_body_over_the_limit_is_413(self):
+        body = json_bytes({"name": "a" * 5000})
+        self.assert_error(request(self.server, "POST", "/auth/token", body, JSON_HEADERS),
+                          413, "invalid_request", "body is over 4096 bytes")
+        # also when only the header announces it, and the body never comes
+        responses = exchange(self.server, b"POST /auth/token HTTP/1.1\r\nHost: x\r\n"
+                                          b"Content-Length: 1000000000000\r\n\r\n")
+        self.assertEqual([r[0] for r in responses], [413])
+
+    def test_bad_framing_is_refused_and_the_connection_closed(self):
+        post = b"POST /auth/token HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        body = b'{"name":"vishpat"}'
+        cases = [
+            (b"Transfer-Encoding: chunked\r\n\r\n12\r\n" + body + b"\r\n0\r\n\r\n", 411,
+             "Transfer-Encoding is not supported; send a Content-Length"),
+            (b"Content-Length: 18\r\nTransfer-Encoding: chunked\r\n\r\n" + body, 411,
+             "Transfer-Encoding is not supported; send a Content-Length"),
+            (b"Content-Length: -1\r\n\r\n" + body, 400, "Content-Length is not a valid length"),
+            (b"Content-Length: abc\r\n\r\n" + body, 400, "Content-Length is not a valid length"),
+            (b"Content-Length: 18\r\nContent-Length: 19\r\n\r\n" + body, 400,
+             "Content-Length is not a valid length"),
+            (b"Content-Length: 18, 18\r\n\r\n" + body, 400, "Content-Length is not a valid length"),
+            (b"Content-Length: 40\r\n\r\n" + body, 400, "body is shorter than its Content-Length"),
+        ]
+        # each request is followed on the same connection by a second one,
+        # which must not be answered: the first one's framing is in doubt
+        follow_up = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        for headers_and_body, status, description in cases:
+            with self.subTest(description=description, request=headers_and_body[:40]):
+                data = post + headers_and_body
+                if status != 400 or b"shorter" not in description.encode():
+                    data += follow_up
+                responses = exchange(self.server, data)
+                self.assertEqual(len(responses), 1, responses)
+                got_status, headers, response_body = responses[0]
+                self.assert_error((got_status, headers, response_body), status,
+                                  "invalid_request", description)
+                self.assertEqual(headers["Connection"], "close")
+
+    def test_stdlib_errors_are_json_too(self):
+        cases = [
+            (b"hello\r\n\r\n", 400),
+            (b"GET /auth/jwks HTTP/1.1 extra\r\n\r\n", 400),
+            (b"GET /auth/jwks HTTP/x.y\r\n\r\n", 400),
+            (b"POST /auth/token\r\n\r\n", 400),  # HTTP/0.9 only knew GET
+            (b"GET /auth/jwks HTTP/2.0\r\n\r\n", 505),
+            (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414),
+            (b"GET /auth/jwks HTTP/1.1\r\nX-Big: " + b"a" * 100000 + b"\r\n\r\n", 431),
+            (b"GET /auth/jwks HTTP/1.1\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", 431),
+        ]
+        for data, status in cases:
+            with self.subTest(request=data[:40], status=status):
+                responses = exchange(self.server, data)
+                self.assertEqual(len(responses), 1)
+                headers = self.assert_error(responses[0], status, "invalid_request",
+                                            jwt_issuer.STDLIB_ERRORS[status])
+                self.assertEqual(headers["Connection"], "close")
+                self.assertNotIn(b"<", responses[0][2])
+
+    def test_keep_alive_with_exact_lengths_and_pipelining(self):
+        token_request = (b"POST /auth/token HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                         b"\r\nContent-Length: %d\r\n\r\n%s" % (len(SEED_CURL_BODY), SEED_CURL_BODY))
+        jwks_request = b"GET /auth/jwks HTTP/1.1\r\nHost: x\r\n\r\n"
+        # a GET with a body: the body is framed by Content-Length, never read as a request
+        smuggled = b"GET /nope HTTP/1.1\r\n\r\n"
+        get_with_body = (b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(smuggled), smuggled))
+        last = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        responses = exchange(self.server, token_request + jwks_request + token_request
+                             + get_with_body + last)
+        self.assertEqual([r[0] for r in responses], [200, 200, 200, 200, 200])
+        self.assertIsNone(responses[0][1]["Connection"])
+        self.assertEqual(responses[-1][1]["Connection"], "close")
+        jwks = json.loads(responses[1][2])
+        for token in (responses[0][2], responses[2][2]):
+            self.assertEqual(verify_with_pyjwt(token.decode(), jwks)["sub"], "vishpat")
+        # one connection, several requests, one at a time
+        connection = http.client.HTTPConnection(*self.server.server_address[:2], timeout=10)
+        try:
+            for _ in range(3):
+                connection.request("POST", "/auth/token", SEED_CURL_BODY, JSON_HEADERS)
+                response = connection.getresponse()
+                self.assertEqual(response.status, 200)
+                response.read()
+                first_socket = connection.sock if _ == 0 else first_socket
+                self.assertIs(connection.sock, first_socket)
+        finally:
+            connection.close()
+
+    def test_http_1_0_keep_alive(self):
+        data = (b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+                b"GET /healthz HTTP/1.0\r\n\r\n")
+        responses = exchange(self.server, data)
+        self.assertEqual([r[1]["Connection"] for r in responses], ["keep-alive", "close"])
+
+    def test_absolute_form_and_query_strings(self):
+        port = self.server.server_address[1]
+        for target in ("http://127.0.0.1:%d/auth/jwks" % port, "/auth/jwks?x=1",
+                       "HTTP://localhost/auth/jwks?", "/.well-known/jwks.json?a=b&c"):
+            with self.subTest(target=target):
+                self.assertEqual(request(self.server, "GET", target)[0], 200)
+
+    def test_expect_100_continue(self):
+        with socket.create_connection(self.server.server_address[:2], timeout=10) as sock:
+            sock.sendall(b"POST /auth/token HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                         % len(SEED_CURL_BODY))
+            stream = sock.makefile("rb")
+            self.assertEqual(stream.readline(), b"HTTP/1.1 100 Continue\r\n")
+            self.assertEqual(stream.readline(), b"\r\n")
+            sock.sendall(SEED_CURL_BODY)
+            self.assertEqual(read_response(stream)[0], 200)
+        # a body over the limit is refused before it is sent
+        with socket.create_connection(self.server.server_address[:2], timeout=10) as sock:
+            sock.sendall(b"POST /auth/token HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                         b"Content-Length: 100000\r\n\r\n")
+            self.assertEqual(read_response(sock.makefile("rb"))[0], 413)
+
+    def test_access_and_audit_log_lines_never_hold_the_token(self):
+        with self.assertLogs("jwt_issuer", "INFO") as logs:
+            token = self.token()
+            request(self.server, "GET", "/auth/jwks")
+            request(self.server, "POST", "/auth/token", b'{"name": "a\\u0085\\u001b[31m"}',
+                    JSON_HEADERS)
+            exchange(self.server, b'GET /x"\x1b[31m\x85 HTTP/1.1\r\nHost: x\r\n\r\n')
+        messages = [record.getMessage() for record in logs.records]
+        claims = segments(token)[1]
+        audit = [m for m in messages if m.startswith("issued ")]
+        self.assertEqual(audit, ['issued sub="vishpat" kid=%s jti=%s exp=%d'
+                                 % (segments(token)[0]["kid"], claims["jti"], claims["exp"])])
+        access = [m for m in messages if not m.startswith("issued ")]
+        self.assertEqual(len(access), 4)
+        self.assertRegex(access[0], r'^127\.0\.0\.1 "POST /auth/token HTTP/1\.1" 200 \d+ [\d.]+ms$')
+        self.assertRegex(access[1], r'^127\.0\.0\.1 "GET /auth/jwks HTTP/1\.1" 200 \d+ [\d.]+ms$')
+        self.assertIn(r'"GET /x\"\x1b[31m\x85 HTTP/1.1" 404', access[3])
+        for message in messages:
+            self.assertNotIn(token, message)
+            self.assertNotIn(token.split(".")[2], message)
+            self.assertNotIn(self.d, message)
+            self.assertNotIn("\x1b", message)
+
+    def test_clients_that_hang_up_are_not_errors(self):
+        with self.assertLogs("jwt_issuer", "DEBUG") as logs:
+            jwt_issuer.log.debug("start")
+            for data in (b"", b"POST /auth/token HTTP/1.1\r\nContent-Length: 50\r\n\r\n{",
+                         b"GET /auth/jwks HTT"):
+                sock = socket.create_connection(self.server.server_address[:2])
+                sock.sendall(data)
+                sock.close()
+            # a client that resets the connection while its answer is written
+            sock = socket.create_connection(self.server.server_address[:2])
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+            sock.sendall(b"GET /auth/jwks HTTP/1.1\r\n\r\n")
+            sock.close()
+            time.sleep(0.3)
+        self.assertEqual([r.getMessage() for r in logs.records if r.levelno >= logging.WARNING],
+                         [])
+
+    def test_discovery_issuer_is_exactly_as_configured(self):
+        keys = keyset_for(self.key)
+        for issuer in ("https://issuer.example/", "https://issuer.example/jwt",
+                       "http://127.0.0.1:8200"):
+            with self.subTest(issuer=issuer), serving(keys, issuer=issuer) as server:
+                document = json.loads(request(server, "GET",
+                                              "/.well-known/openid-configuration")[2])
+                self.assertEqual(document["issuer"], issuer)
+                self.assertEqual(document["jwks_uri"], issuer.rstrip("/") + "/auth/jwks")
+                self.assertEqual(document["token_endpoint"], issuer.rstrip("/") + "/auth/token")
+                _, _, token = request(server, "POST", "/auth/token", SEED_CURL_BODY, JSON_HEADERS)
+                self.assertEqual(segments(token.decode())[1]["iss"], issuer)
+
+    def test_audience(self):
+        keys = keyset_for(self.key)
+        for audience, claim in ((("vault",), "vault"), (("vault", "bao"), ["vault", "bao"])):
+            with self.subTest(audience=audience), serving(keys, audience=audience) as server:
+                _, _, token = request(server, "POST", "/auth/token", SEED_CURL_BODY, JSON_HEADERS)
+                token = token.decode()
+                self.assertEqual(segments(token)[1]["aud"], claim)
+                jwks = jwks_of(server)
+                self.assertEqual(verify_with_pyjwt(token, jwks, audience="vault")["aud"], claim)
+                verify_with_joserfc(token, jwks, aud="vault")
+                with self.assertRaises(jwt.InvalidAudienceError):
+                    verify_with_pyjwt(token, jwks, audience="someone-else")
+
+
+# ---------------------------------------------------------------- the command line
+
+class ProcessTest(TempDirTestCase):
+    def start(self, *args, **kwargs):
+        process = Process("--port", "0", *args, **kwargs)
+        self.addCleanup(process.kill)
+        return process.started()
+
+    def key_file(self, key=None, name="key.json"):
+        return self.write(name, private_jwk(key or new_key()))
+
+    def test_default_key_is_made_saved_0600_and_announced(self):
+        process = self.start(cwd=self.dir)
+        path = os.path.join(self.dir, "key.json")
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        with open(path) as f:
+            saved = json.load(f)
+        self.assertIn("no key file at ./key.json: generated a new P-256 key, kid %s, saved with "
+                      "mode 0600" % saved["kid"], process.log)
+        self.assertEqual(process.get("/auth/jwks").json()["keys"][0]["kid"], saved["kid"])
+        token = process.token()
+        self.assertEqual(run_seed_snippet(token, process.url + "/auth/jwks")["sub"], "vishpat")
+        self.assertEqual(process.stop(), 0)
+        self.assertIn("stopped", process.log)
+        # the next start uses the saved key
+        process = self.start(cwd=self.dir)
+        self.assertEqual(process.get("/auth/jwks").json()["keys"][0]["kid"], saved["kid"])
+        self.assertEqual(process.stop(signal.SIGINT), 0)
+        self.assertNotIn("Traceback", process.log)
+        self.assertNotIn(saved["d"], process.log)
+
+    def test_listening_line_has_the_real_port(self):
+        process = self.start("--key", self.key_file())
+        self.assertRegex(process.url, r"^http://127\.0\.0\.1:\d+$")
+        self.assertNotEqual(process.url.rsplit(":", 1)[1], "0")
+        self.assertEqual(process.get("/healthz").json(), {"status": "ok"})
+
+    def test_environment_configures_the_server(self):
+        env = dict(os.environ, JWT_ISSUER_KEY=self.key_file(), JWT_ISSUER_TTL="120",
+                   JWT_ISSUER_AUDIENCE="vault,bao", JWT_ISSUER_ISSUER="https://issuer.example")
+        process = Process(cwd=self.dir, env=dict(env, JWT_ISSUER_PORT="0"))
+        self.addCleanup(process.kill)
+        process.started()
+        claims = segments(process.token())[1]
+        self.assertEqual((claims["iss"], claims["aud"], claims["exp"] - claims["iat"]),
+                         ("https://issuer.example", ["vault", "bao"], 120))
+        self.assertEqual(process.stop(), 0)
+
+    def test_sighup_rotates_keys_without_dropping_tokens_or_connections(self):
+        old, new = new_key(), new_key()
+        path = self.key_file(old)
+        process = self.start("--key", path)
+        old_token = process.token()
+        old_kid = public_jwk(old.public_key())["kid"]
+        session = requests.Session()  # a keep-alive connection across the reload
+        self.assertEqual(session.get(process.url + "/healthz").status_code, 200)
+
+        rotated = {"keys": [private_jwk(new), public_jwk(old.public_key())]}
+        self.write("rotated.json", rotated)
+        os.replace(os.path.join(self.dir, "rotated.json"), path)
+        process.proc.send_signal(signal.SIGHUP)
+        process.wait_for("reloaded keys from")
+        new_kid = public_jwk(new.public_key())["kid"]
+        jwks = process.get("/auth/jwks").json()
+        self.assertEqual([k["kid"] for k in jwks["keys"]], [new_kid, old_kid])
+        new_token = process.token()
+        self.assertEqual(segments(new_token)[0]["kid"], new_kid)
+        for token in (old_token, new_token):
+            self.assertEqual(verify_with_pyjwt(token, jwks)["sub"], "vishpat")
+            verify_with_joserfc(token, jwks, sub="vishpat")
+        self.assertEqual(session.get(process.url + "/healthz").status_code, 200)
+
+        # a bad file on reload keeps the old keys and says why
+        for content in (b"{", json_bytes({"keys": [public_jwk(new.public_key())]})):
+            with open(path, "wb") as f:
+                f.write(content)
+            process.proc.send_signal(signal.SIGHUP)
+            process.wait_for("key reload failed, still signing with kid %s: key file %s: "
+                             % (re.escape(new_kid), re.escape(path)))
+            self.assertEqual(process.get("/auth/jwks").json(), jwks)
+            self.assertEqual(segments(process.token())[0]["kid"], new_kid)
+        os.remove(path)
+        process.proc.send_signal(signal.SIGHUP)
+        process.wait_for("key reload failed, still signing with kid %s: key file %s does not exist"
+                         % (re.escape(new_kid), re.escape(path)))
+        self.assertEqual(session.get(process.url + "/healthz").status_code, 200)
+        session.close()
+        self.assertEqual(process.stop(), 0)
+        self.assertNotIn("Traceback", process.log)
+
+    def test_sigterm_closes_idle_keep_alive_connections(self):
+        process = self.start("--key", self.key_file())
+        host, port = process.url[len("http://"):].rsplit(":", 1)
+        idle = http.client.HTTPConnection(host, int(port), timeout=10)
+        idle.request("GET", "/healthz")
+        idle.getresponse().read()
+        started = time.monotonic()
+        self.assertEqual(process.stop(), 0)
+        self.assertLess(time.monotonic() - started, 5)  # not held up by the idle connection
+        idle.close()
+
+    def test_pem_key_file(self):
+        key = new_key()
+        for fmt in PEM_FORMATS:
+            with self.subTest(fmt=fmt):
+                process = self.start("--key", self.write("key.pem", pem(key, fmt)))
+                self.assertEqual(process.get("/auth/jwks").json()["keys"],
+                                 [public_jwk(key.public_key())])
+                verify_with_joserfc(process.token(), process.get("/auth/jwks").json())
+                self.assertEqual(process.stop(), 0)
+
+    def test_example_key_warns_loudly(self):
+        process = self.start("--key", os.path.join(HERE, "key.json.example"))
+        self.assertIn("IS THE PUBLIC EXAMPLE KEY", process.log)
+        self.assertEqual(process.stop(), 0)
+
+    def test_key_readable_by_others_warns(self):
+        path = self.write("key.json", private_jwk(new_key()), mode=0o644)
+        process = self.start("--key", path)
+        self.assertIn("key file %s can be read by group or others (mode 0644): chmod 600 %s"
+                      % (path, path), process.log)
+
+    def test_startup_errors_exit_2_with_one_line(self):
+        rsa_pem = pem(rsa.generate_private_key(public_exponent=65537, key_size=2048))
+        busy = socket.socket()
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        self.addCleanup(busy.close)
+        busy_port = str(busy.getsockname()[1])
+        missing = os.path.join(self.dir, "missing.json")
+        cases = [
+            (["--port", "0", "--key", missing], {}, "key file %s does not exist" % missing),
+            (["--port", "0"], {"JWT_ISSUER_KEY": missing}, "key file %s does not exist" % missing),
+            (["--port", "0", "--key", self.write("rsa.pem", rsa_pem)], {},
+             "key file %s: PEM key is not an EC key; ES256 needs EC P-256"
+             % os.path.join(self.dir, "rsa.pem")),
+            (["--port", "0", "--key", self.write("pub.json", public_jwk(new_key().public_key()))], {},
+             'key file %s: no key has a private part ("d"): nothing to sign with'
+             % os.path.join(self.dir, "pub.json")),
+            (["--port", "0", "--ttl", "0"], {}, '--ttl must be an integer from 1 to 10000000000, not "0"'),
+            (["--port", "0"], {"JWT_ISSUER_TTL": "forever"},
+             'JWT_ISSUER_TTL must be an integer from 1 to 10000000000, not "forever"'),
+            (["--port", "65536"], {}, '--port must be an integer from 0 to 65535, not "65536"'),
+            ([], {"JWT_ISSUER_PORT": "eighty"},
+             'JWT_ISSUER_PORT must be an integer from 0 to 65535, not "eighty"'),
+            (["--port", busy_port], {},
+             "cannot listen on 127.0.0.1 port %s: Address already in use" % busy_port),
+            (["--port", "0", "--host", "no-such-host.invalid"], {}, "cannot listen on no-such-host.invalid port "),
+            (["--port", "0", "--issuer", "vault"], {}, "issuer must be an http(s) URL with a host and no query "
+                                        'or fragment, not "vault"'),
+            (["--frobnicate"], {}, "unrecognized arguments: --frobnicate"),
+            (["genkey", "-o", self.write("exists.json", b"{}")], {},
+             "%s already exists; not overwriting it" % os.path.join(self.dir, "exists.json")),
+            (["pem2jwk", missing], {}, "cannot read %s: No such file or directory" % missing),
+            (["pem2jwk", self.write("bad.pem", b"not a pem")], {},
+             "%s: not a readable PEM private key" % os.path.join(self.dir, "bad.pem")),
+            (["nonsense"], {}, "argument COMMAND: invalid choice: 'nonsense' "
+                               "(choose from 'genkey', 'pem2jwk')"),
+        ]
+        for argv, environ, message in cases:
+            with self.subTest(argv=argv, environ=environ):
+                result = run_command(*argv, cwd=self.dir, env=dict(os.environ, **environ))
+                stderr = result.stderr.decode()
+                self.assertEqual(result.returncode, 2, stderr)
+                self.assertEqual(len(stderr.splitlines()), 1, stderr)
+                self.assertTrue(stderr.startswith("jwt_issuer: error: " + message), stderr)
+                self.assertNotIn("Traceback", stderr)
+                self.assertEqual(result.stdout, b"")
+
+    def test_genkey(self):
+        result = run_command("genkey")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        jwk = json.loads(result.stdout)
+        self.assertEqual(sorted(jwk), ["crv", "d", "kid", "kty", "x", "y"])
+        keys = parse_key_file(result.stdout)
+        self.assertEqual(keys.kid, jwk["kid"])
+        path = os.path.join(self.dir, "new.json")
+        result = run_command("genkey", "-o", path)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout, b"")
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        with open(path, "rb") as f:
+            saved = f.read()
+        self.assertIn(parse_key_file(saved).kid.encode(), result.stderr)
+        self.assertEqual(run_command("genkey", "-o", path).returncode, 2)
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), saved)  # untouched
+        self.assertEqual([name for name in os.listdir(self.dir) if name.startswith(".")], [])
+
+    def test_pem2jwk(self):
+        key = new_key()
+        expected = private_jwk(key)
+        for fmt in PEM_FORMATS:
+            with self.subTest(fmt=fmt):
+                path = self.write("key-%s.pem" % fmt, pem(key, fmt))
+                result = run_command("pem2jwk", path)
+                self.assertEqual(result.returncode, 0, result.stderr)
+                self.assertEqual(json.loads(result.stdout), expected)
+                from_stdin = run_command("pem2jwk", input=pem(key, fmt))
+                self.assertEqual(json.loads(from_stdin.stdout), expected)
+        out = os.path.join(self.dir, "out.json")
+        self.assertEqual(run_command("pem2jwk", path, "-o", out).returncode, 0)
+        self.assertEqual(stat.S_IMODE(os.stat(out).st_mode), 0o600)
+        self.assertEqual(parse_key_file(open(out, "rb").read()).kid, expected["kid"])
+
+    def test_pem2jwk_with_openssl_keys(self):
+        openssl = shutil.which("openssl")
+        if openssl is None:
+            self.fail("openssl is needed for this test (the README's key route uses it)")
+        sec1 = os.path.join(self.dir, "sec1.pem")
+        subprocess.run([openssl, "ecparam", "-name", "prime256v1", "-genkey", "-noout",
+                        "-out", sec1], check=True, capture_output=True)
+        pkcs8 = os.path.join(self.dir, "pkcs8.pem")
+        subprocess.run([openssl, "genpkey", "-algorithm", "EC", "-pkeyopt",
+                        "ec_paramgen_curve:P-256", "-out", pkcs8], check=True, capture_output=True)
+        for path in (sec1, pkcs8):
+            with self.subTest(path=os.path.basename(path)):
+                result = run_command("pem2jwk", path)
+                self.assertEqual(result.returncode, 0, result.stderr)
+                jwk = json.loads(result.stdout)
+                with open(path, "rb") as f:
+                    key = serialization.load_pem_private_key(f.read(), None)
+                self.assertEqual(jwk, private_jwk(key))
+
+    def test_help(self):
+        result = run_command("--help")
+        self.assertEqual(result.returncode, 0)
+        text = result.stdout.decode()
+        for word in ("--host", "--port", "--key", "--issuer", "--audience", "--ttl", "genkey",
+                     "pem2jwk", *jwt_issuer.ENVIRONMENT.values(), "SIGHUP"):
+            self.assertIn(word, text)
+        self.assertIn(jwt_issuer.__version__, run_command("--version").stdout.decode())
+
+
+class ProjectTest(unittest.TestCase):
+    def test_ci_runs_the_readme_test_command(self):
+        with open(os.path.join(HERE, "README.md")) as f:
+            readme = f.read()
+        with open(os.path.join(HERE, ".ci", "run")) as f:
+            ci = f.read()
+        commands = re.findall(r"```sh\n(.*?)\n```", readme, re.S)
+        self.assertGreaterEqual(len(commands), 2)
+        self.assertIn("\n" + commands[1] + "\n", ci)
+
+    def test_module_imports_only_the_stdlib_and_cryptography(self):
+        with open(MODULE) as f:
+            source = f.read()
+        imported = set(re.findall(r"^(?:import|from) ([\w.]+)", source, re.M))
+        third_party = {name for name in imported if name.split(".")[0] not in sys.builtin_module_names
+                       and name.split(".")[0] not in getattr(sys, "stdlib_module_names",
+                                                            {name.split(".")[0]})}
+        self.assertEqual({name.split(".")[0] for name in third_party} - {"cryptography"}, set())
+        self.assertIn("cryptography.hazmat.primitives.asymmetric", imported)
+
+    def test_importing_is_quiet(self):
+        result = subprocess.run([sys.executable, "-c", "import jwt_issuer"], cwd=HERE,
+                                capture_output=True)
+        self.assertEqual((result.returncode, result.stdout, result.stderr), (0, b"", b""))
+
+
+if __name__ == "__main__":
+    unittest.main()
