@@ -524,9 +524,10 @@ def obtain_keys(config):
             write_new_file(config.key_path, (json.dumps(jwk, indent=2) + "\n").encode())
             log.info("no key file at %s: generated a new P-256 key, kid %s, saved with mode 0600",
                      config.key_path, jwk["kid"])
-        except ConfigError:
-            if not os.path.exists(config.key_path):  # another process may have just made it
-                raise
+        except ConfigError as error:
+            if not os.path.exists(config.key_path):  # else another process has just made it
+                raise ConfigError("no key file at %s, and making one failed (%s); name a key "
+                                  "with --key" % (config.key_path, error)) from None
     return load_keyset(config.key_path)
 
 

@@ -1268,6 +1268,8 @@ class ProcessTest(TempDirTestCase):
             (["--port", busy_port], {},
              "cannot listen on 127.0.0.1 port %s: Address already in use" % busy_port),
             (["--port", "0", "--host", "no-such-host.invalid"], {}, "cannot listen on no-such-host.invalid port "),
+            (["--port", "0", "--key", "./key.json"], {},
+             "key file ./key.json does not exist"),  # named on purpose: not made
             (["--port", "0", "--issuer", "vault"], {}, "issuer must be an http(s) URL with a host and no query "
                                         'or fragment, not "vault"'),
             (["--frobnicate"], {}, "unrecognized arguments: --frobnicate"),
@@ -1288,6 +1290,14 @@ class ProcessTest(TempDirTestCase):
                 self.assertTrue(stderr.startswith("jwt_issuer: error: " + message), stderr)
                 self.assertNotIn("Traceback", stderr)
                 self.assertEqual(result.stdout, b"")
+
+    def test_no_key_and_a_directory_that_takes_no_files(self):
+        # sysfs refuses new files even to root, so this holds whoever runs the tests
+        result = run_command("--port", "0", cwd="/sys")
+        self.assertEqual(result.returncode, 2)
+        self.assertEqual(result.stderr.decode(), "jwt_issuer: error: no key file at ./key.json, "
+                         "and making one failed (cannot write ./key.json: Permission denied); "
+                         "name a key with --key\n")
 
     def test_genkey(self):
         result = run_command("genkey")
