@@ -105,11 +105,6 @@ class HTTPError(Exception):
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
 
 
-def is_decimal(text):
-    """ASCII digits only: int() would also take " 5", "1_0" and other scripts' digits."""
-    return text.isascii() and text.isdigit()
-
-
 def b64url_encode(data):
     """RFC 7515 §2: base64url with the trailing '=' padding removed."""
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
@@ -365,7 +360,8 @@ def subject_from_body(body):
     if not name:
         raise HTTPError(400, "invalid_request", "name must not be empty")
     if len(name) > MAX_NAME_CHARS:
-        raise HTTPError(400, "invalid_request", "name is longer than %d characters" % MAX_NAME_CHARS)
+        raise HTTPError(400, "invalid_request",
+                        "name is longer than %d characters" % MAX_NAME_CHARS)
     if _FORBIDDEN_IN_NAME.search(name):
         raise HTTPError(400, "invalid_request", "name must not contain control characters")
     if _SURROGATE.search(name):
@@ -397,6 +393,12 @@ ENVIRONMENT = {
     "audience": "JWT_ISSUER_AUDIENCE",
     "ttl": "JWT_ISSUER_TTL",
 }
+
+
+def is_decimal(text):
+    """ASCII digits only: int() would also take " 5", "1_0" and other scripts' digits."""
+    return text.isascii() and text.isdigit()
+
 
 def _integer(text, source, low, high):
     if not (is_decimal(text) and len(text) <= 11 and low <= int(text) <= high):
