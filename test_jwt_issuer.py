@@ -1567,7 +1567,8 @@ class VaultTest(TempDirTestCase):
         self.assert_refused("jwt-refused", stranger.token(), "failed to verify id token signature")
 
     def test_an_expired_token(self):
-        issuer = self.start("--key", self.key_file(), "--ttl", "1")
+        key = new_key()
+        issuer = self.start("--key", self.key_file(key), "--ttl", "1")
         self.jwt_auth("jwt-expiry", {"jwks_url": issuer.url + "/auth/jwks"})
         self.role("jwt-expiry", "jwt_vishpat_strict", **NO_LEEWAY)
         token = issuer.token()
@@ -1575,8 +1576,17 @@ class VaultTest(TempDirTestCase):
         time.sleep(max(0, segments(token)[1]["exp"] + 1.1 - time.time()))
         self.assert_refused("jwt-expiry", token, "invalid expiration time (exp) claim: token is "
                                                  "expired", "jwt_vishpat_strict")
-        # the seed's role keeps OpenBao's default leeway: 60 s past exp, it still logs in
+        # The seed's role keeps OpenBao's default leeway of 60 s past exp: tokens
+        # the issuer signed 50 and 70 seconds after their expiry fall either side.
         self.assert_logs_in("jwt-expiry", token)
+        keys = keyset_for(key)
+        for expired_for, logs_in in ((50, True), (70, False)):
+            late = keys.sign(make_claims("vishpat", issuer=issuer.url, audience=(), ttl=1,
+                                         now=int(time.time()) - expired_for - 1, jti="late"))
+            if logs_in:
+                self.assert_logs_in("jwt-expiry", late)
+            else:
+                self.assert_refused("jwt-expiry", late, "token is expired")
 
     def test_clock_skew(self):
         # An issuer whose clock runs ahead: tokens it signs with its own key
@@ -1589,9 +1599,11 @@ class VaultTest(TempDirTestCase):
         def token_from_a_clock_ahead_by(seconds):
             return keys.sign(make_claims("vishpat", issuer=issuer.url, audience=(), ttl=3600,
                                          now=int(time.time()) + seconds, jti=str(seconds)))
-        self.assert_logs_in("jwt-skew", token_from_a_clock_ahead_by(30))
-        self.assert_refused("jwt-skew", token_from_a_clock_ahead_by(300),
-                            "invalid not before (nbf) claim: token not yet valid")
+        # OpenBao's default leeway is 60 s: 50 s ahead passes, 70 s does not
+        self.assert_logs_in("jwt-skew", token_from_a_clock_ahead_by(50))
+        for seconds in (70, 300):
+            self.assert_refused("jwt-skew", token_from_a_clock_ahead_by(seconds),
+                                "invalid not before (nbf) claim: token not yet valid")
 
     def test_oidc_discovery_url(self):
         port = free_port()
