@@ -65,10 +65,15 @@ DEFAULT_TTL_SECONDS = 60 * 60
 MAX_BODY_BYTES = 4 * 1024
 MAX_NAME_CHARS = 256
 MAX_REQUEST_LINE_BYTES = 8 * 1024
-SOCKET_TIMEOUT_SECONDS = 10  # each read and write; also how long a keep-alive connection may idle
+MAX_FIELD_LINE_BYTES = 8 * 1024
+MAX_FIELDS = 100
+IDLE_TIMEOUT_SECONDS = 10  # how long a connection may wait for a request; also each write
+REQUEST_TIMEOUT_SECONDS = 5  # from a request's first byte to its last, however it trickles in
 DRAIN_TIMEOUT_SECONDS = 10  # on SIGTERM, how long requests in flight may take to finish
 LINGER_SECONDS = 1  # after an early error answer, how long unread input is drained before closing
 LISTEN_BACKLOG = 128  # socketserver's 5 drops SYNs in bursts: clients retry after a whole second
+DEFAULT_MAX_CONNECTIONS = 256  # and so at most this many threads serving them
+READ_CHUNK_BYTES = 16 * 1024
 
 # P-256 coordinates and private scalars are 32 bytes, always written in full
 # (RFC 7518 §6.2.1.2, §6.2.2.1); so are R and S in the signature (§3.4).
@@ -392,6 +397,7 @@ ENVIRONMENT = {
     "issuer": "JWT_ISSUER_ISSUER",
     "audience": "JWT_ISSUER_AUDIENCE",
     "ttl": "JWT_ISSUER_TTL",
+    "max_connections": "JWT_ISSUER_MAX_CONNECTIONS",
 }
 
 
@@ -418,6 +424,7 @@ class Config:
     issuer: str = None  # None until the port is bound: then http://localhost:PORT
     audience: tuple = ()
     ttl: int = DEFAULT_TTL_SECONDS
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
 
     def __post_init__(self):
         if not self.host:
@@ -452,6 +459,9 @@ class Config:
         ttl, source = setting("ttl")
         if ttl is not None:
             values["ttl"] = _integer(ttl, source, 1, 10 ** 10)
+        max_connections, source = setting("max_connections")
+        if max_connections is not None:
+            values["max_connections"] = _integer(max_connections, source, 1, 100000)
         key_path, _ = setting("key")
         if key_path is not None:
             values.update(key_path=key_path, key_path_given=True)
@@ -600,13 +610,9 @@ ALLOWED_METHODS = _allowed_methods(ROUTES)  # for the Allow header of a 405
 
 REASONS = {status.value: status.phrase for status in HTTPStatus}
 ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 500: "server_error"}
-# The stdlib's own errors carry the client's bytes in their messages; these don't.
-STDLIB_ERRORS = {
-    400: "malformed request line or headers",
-    414: "request line is longer than %d bytes" % MAX_REQUEST_LINE_BYTES,
-    431: "a header line is too long or there are too many headers",
-    505: "only HTTP/1.0 and HTTP/1.1 are served",
-}
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 §5.6.2: methods, field names
+_HTTP_VERSION = re.compile(r"HTTP/([0-9])\.([0-9])")  # RFC 9112 §2.3
+_NOT_IN_FIELD_VALUE = re.compile("[\x00-\x08\x0a-\x1f\x7f]")  # controls but HTAB (RFC 9110 §5.5)
 _NOT_IN_DESCRIPTIONS = re.compile(r'[^\x20-\x21\x23-\x5b\x5d-\x7e]')  # RFC 6749 §5.2
 _LOG_ESCAPES = {c: "\\x%02x" % c for c in [*range(0x20), *range(0x7f, 0xa0)]}
 _LOG_ESCAPES.update({ord('"'): '\\"', ord("\\"): "\\\\"})
@@ -631,18 +637,110 @@ def request_path(target):
     return target
 
 
+class RequestReader:
+    """A connection's input, read against two clocks: a connection may wait
+    idle_timeout for a request; once the request's first byte is in, all of
+    it (line, headers, body) must arrive within request_timeout. A client that
+    sends half a request and stalls, or drips it a byte at a time, is dropped
+    in seconds (socket.timeout), whatever each single read does."""
+
+    def __init__(self, connection, raw):
+        self._connection = connection
+        self._raw = raw  # unbuffered: every read() is one recv()
+        self._buffer = bytearray()
+        self._deadline = None
+
+    def wait_for_request(self, idle_timeout, request_timeout):
+        """False at the end of the input; else the request clock runs."""
+        self._deadline = None
+        self._connection.settimeout(idle_timeout)
+        if not self._buffer and not self._fill():
+            return False
+        self._deadline = time.monotonic() + request_timeout
+        return True
+
+    def end_request(self, timeout):
+        """The request is read: back to one timeout per read and write."""
+        self._deadline = None
+        self._connection.settimeout(timeout)
+
+    def _fill(self):
+        if self._deadline is not None:
+            remaining = self._deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("request not complete in time")
+            self._connection.settimeout(remaining)
+        data = self._raw.read(READ_CHUNK_BYTES)
+        if not data:
+            return False
+        self._buffer += data
+        return True
+
+    def _take(self, size):
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return data
+
+    def readline(self, limit=-1):
+        limit = limit if limit >= 0 else sys.maxsize
+        start = 0
+        while True:
+            end = self._buffer.find(b"\n", start, limit)
+            if end >= 0:
+                return self._take(end + 1)
+            if len(self._buffer) >= limit:
+                return self._take(limit)
+            start = len(self._buffer)
+            if not self._fill():
+                return self._take(len(self._buffer))
+
+    def read(self, size):
+        while len(self._buffer) < size and self._fill():
+            pass
+        return self._take(size)
+
+    def close(self):
+        self._raw.close()
+
+
+class HeaderFields:
+    """A request's header fields, found by name without regard to case."""
+
+    def __init__(self, fields):
+        self._fields = fields
+        self._by_name = {}
+        for name, value in fields:
+            self._by_name.setdefault(name.lower(), []).append(value)
+
+    def get(self, name, default=None):
+        values = self._by_name.get(name.lower())
+        return values[0] if values else default
+
+    def get_all(self, name):
+        return self._by_name.get(name.lower(), [])
+
+    def __contains__(self, name):
+        return name.lower() in self._by_name
+
+    def items(self):
+        return list(self._fields)
+
+
 class RequestHandler(BaseHTTPRequestHandler):
     """One connection: HTTP/1.1 keep-alive, each answer written in one send."""
 
     protocol_version = "HTTP/1.1"
-    timeout = SOCKET_TIMEOUT_SECONDS
+    timeout = IDLE_TIMEOUT_SECONDS
     disable_nagle_algorithm = True
+    rbufsize = 0  # RequestReader does the buffering
     body = b""
     started = 0.0
 
     def setup(self):
         super().setup()
+        self.rfile = RequestReader(self.connection, self.rfile)
         self.idle = True
+        self.idle_since = time.monotonic()
         self.linger = False  # unread input is left: drain it before closing
         self.server.track(self, True)
 
@@ -658,32 +756,33 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.close_connection = True
         self.handle_one_request()
         while not self.close_connection:
+            self.idle_since = time.monotonic()
             self.idle = True  # before the check: drain() reads them in the other order
             if self.server.stopping:
                 break
             self.handle_one_request()
 
     def handle_one_request(self):
-        # The stdlib's version, with every method going to _dispatch (a 405
-        # or 404, never its 501) and a shorter request line.
+        # The stdlib's version, with the request clock, a request head read by
+        # _read_head, and every method going to _answer (a 405 or 404, never a 501).
         self.command, self.request_version, self.requestline = "", "HTTP/1.1", ""
         self.body = b""
+        server = self.server
         try:
-            self.raw_requestline = self.rfile.readline(MAX_REQUEST_LINE_BYTES + 1)
+            if not self.rfile.wait_for_request(server.idle_timeout, server.request_timeout):
+                self.close_connection = True
+                return
             self.idle = False
             self.started = time.perf_counter()
-            if not self.raw_requestline:
-                self.close_connection = True
-            elif len(self.raw_requestline) > MAX_REQUEST_LINE_BYTES:
-                self.send_error(414)
-            elif self.parse_request():
-                self._dispatch()
+            self._answer()
         except socket.timeout:
             self.close_connection = True  # a slow or idle client: drop it quietly
 
-    def _dispatch(self):
+    def _answer(self):
         try:
+            self._read_head()
             self.body = self._read_body()  # first, whatever the path: it frames the next request
+            self.rfile.end_request(self.server.idle_timeout)
             path = request_path(self.path)
             method = "GET" if self.command == "HEAD" else self.command
             endpoint = ROUTES.get((method, path))
@@ -703,24 +802,83 @@ class RequestHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             self._send_error(HTTPError(500, "server_error", "internal error"))
 
+    def _read_line(self, limit, status, description):
+        line = self.rfile.readline(limit + 1)
+        if len(line) > limit:
+            raise self._framing_error(status, description)
+        if not line.endswith(b"\n"):
+            raise ConnectionAbortedError("the client closed the connection mid-request")
+        return line[:-2] if line.endswith(b"\r\n") else line[:-1]  # RFC 9112 §2.2: LF alone too
+
+    def _framing_error(self, status, description):
+        # The rest of the request is unread: answer, drain it, close.
+        self.close_connection = self.linger = True
+        return HTTPError(status, "invalid_request", description)
+
+    def _read_head(self):
+        """The request line and header fields, strictly (RFC 9112 §2-§5). The
+        stdlib's email-based parser ends the header section at a malformed
+        field line instead, and a Content-Length after it goes unseen: the body
+        would then be read as the next request."""
+        line = self._read_line(MAX_REQUEST_LINE_BYTES, 414, "request line is longer than %d "
+                               "bytes" % MAX_REQUEST_LINE_BYTES)
+        if not line:  # RFC 9112 §2.2: an empty line before the request line is ignored
+            line = self._read_line(MAX_REQUEST_LINE_BYTES, 414, "request line is too long")
+        self.requestline = line.decode("iso-8859-1")
+        parts = self.requestline.split(" ")
+        if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or not parts[1]:
+            raise self._framing_error(400, "malformed request line")
+        version = _HTTP_VERSION.fullmatch(parts[2])
+        if not version:
+            raise self._framing_error(400, "malformed HTTP version")
+        self.command, self.path, self.request_version = parts
+        if version.group(1) != "1":
+            raise self._framing_error(505, "only HTTP/1.0 and HTTP/1.1 are served")
+        self.close_connection = version.group(2) == "0"
+
+        fields = []
+        while True:
+            line = self._read_line(MAX_FIELD_LINE_BYTES, 431, "a header field line is over "
+                                   "%d bytes" % MAX_FIELD_LINE_BYTES)
+            if not line:
+                break
+            if len(fields) == MAX_FIELDS:
+                raise self._framing_error(431, "more than %d header fields" % MAX_FIELDS)
+            name, colon, value = line.decode("iso-8859-1").partition(":")
+            # RFC 9112 §5.1: no whitespace before the colon (a 400, MUST); §5.2:
+            # no obs-fold (a line starting with whitespace fails the same test).
+            if not colon or not _TOKEN.fullmatch(name) or _NOT_IN_FIELD_VALUE.search(value):
+                raise self._framing_error(400, "malformed header field")
+            fields.append((name, value.strip(" \t")))
+        self.headers = headers = HeaderFields(fields)
+
+        if not self.close_connection and len(headers.get_all("Host")) != 1:
+            raise self._framing_error(400, "exactly one Host header is required (RFC 9112 "
+                                           "§3.2)")
+        connection = {token.strip().lower() for token in headers.get("Connection", "").split(",")}
+        if "close" in connection:
+            self.close_connection = True
+        elif "keep-alive" in connection:
+            self.close_connection = False
+        if (headers.get("Expect", "").lower() == "100-continue"
+                and self.request_version == "HTTP/1.1"):
+            self.handle_expect_100()
+
     def _read_body(self):
         """Exactly the body that Content-Length frames (RFC 9112 §6.3), up to
         MAX_BODY_BYTES. When the framing is in doubt, the connection closes
         after the answer, so a body can never be read as the next request."""
         if "Transfer-Encoding" in self.headers:
-            self.close_connection = self.linger = True
-            raise HTTPError(411, "invalid_request",
-                            "Transfer-Encoding is not supported; send a Content-Length")
-        lengths = {value.strip() for value in self.headers.get_all("Content-Length", ())}
+            raise self._framing_error(411, "Transfer-Encoding is not supported; send a "
+                                           "Content-Length")
+        lengths = set(self.headers.get_all("Content-Length"))
         if not lengths:
             return b""  # RFC 9112 §6.3: neither header means no body
         length = lengths.pop()
         if lengths or not is_decimal(length):
-            self.close_connection = self.linger = True
-            raise HTTPError(400, "invalid_request", "Content-Length is not a valid length")
+            raise self._framing_error(400, "Content-Length is not a valid length")
         if len(length) > 9 or int(length) > MAX_BODY_BYTES:
-            self.close_connection = self.linger = True
-            raise HTTPError(413, "invalid_request", "body is over %d bytes" % MAX_BODY_BYTES)
+            raise self._framing_error(413, "body is over %d bytes" % MAX_BODY_BYTES)
         length = int(length)
         body = self.rfile.read(length)
         if len(body) < length:
@@ -737,10 +895,10 @@ class RequestHandler(BaseHTTPRequestHandler):
         return True
 
     def send_error(self, code, message=None, explain=None):
-        """The stdlib's own errors (400, 414, 431, 505), as JSON like ours."""
+        """Should anything in the stdlib still send an error, it is JSON like ours."""
         self.close_connection = self.linger = True  # the rest of the request is unread
-        description = STDLIB_ERRORS.get(code, REASONS.get(code, "error"))
-        self._send_error(HTTPError(code, ERROR_CODES.get(code, "invalid_request"), description))
+        self._send_error(HTTPError(code, ERROR_CODES.get(code, "invalid_request"),
+                                   REASONS.get(code, "error")))
 
     def _send_error(self, error):
         description = _NOT_IN_DESCRIPTIONS.sub("?", error.description)
@@ -786,6 +944,21 @@ class RequestHandler(BaseHTTPRequestHandler):
         log.info("%s " + format, self.client_address[0], *args)
 
 
+def _shut(connection):
+    try:
+        connection.shutdown(socket.SHUT_RDWR)  # its thread's read returns at once
+    except OSError:
+        pass
+
+
+_TOO_BUSY = json_bytes({"error": "temporarily_unavailable",
+                        "error_description": "too many connections"})
+TOO_BUSY_ANSWER = ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                   "Content-Length: %d\r\nRetry-After: 1\r\nCache-Control: no-store\r\n"
+                   "X-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n"
+                   % len(_TOO_BUSY)).encode("ascii") + _TOO_BUSY
+
+
 class IssuerServer(ThreadingHTTPServer):
     """The listening socket, a thread per connection, the config and the keys.
 
@@ -795,13 +968,18 @@ class IssuerServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False  # drain() waits for requests in flight, with a deadline
     request_queue_size = LISTEN_BACKLOG
+    idle_timeout = IDLE_TIMEOUT_SECONDS
+    request_timeout = REQUEST_TIMEOUT_SECONDS
 
     def __init__(self, config, keys=None):
         self.address_family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
         self.keys = keys
         self.stopping = False
-        self._connections = set()
+        self.max_connections = config.max_connections
+        self._admitted = 0  # connections accepted and not yet closed; one thread each
+        self._connections = set()  # their handlers, once running
         self._connections_changed = threading.Condition()
+        self._refused, self._refusals_logged_at = 0, 0.0
         self._reload_lock = threading.Lock()
         super().__init__((config.host, config.port), RequestHandler)
         if config.issuer is None:
@@ -820,13 +998,64 @@ class IssuerServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
 
+    def process_request(self, request, client_address):
+        """On the accepting thread: admit the connection, making room by
+        closing the longest-idle one if need be, or refuse it with a 503."""
+        with self._connections_changed:
+            admitted = self._admitted < self.max_connections or self._close_longest_idle()
+            if admitted:
+                self._admitted += 1
+            else:
+                self._refused += 1
+        if not admitted:
+            self._refuse(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started: nothing else will count it out
+            self._count_out()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._count_out()
+
+    def _count_out(self):
+        with self._connections_changed:
+            self._admitted -= 1
+            self._connections_changed.notify_all()
+
+    def _close_longest_idle(self):
+        # RFC 9112 §9.8: a server may close an idle connection at any time.
+        idle = [handler for handler in self._connections if handler.idle]
+        if not idle:
+            return False
+        handler = min(idle, key=lambda h: h.idle_since)
+        handler.idle = False
+        _shut(handler.connection)
+        return True
+
+    def _refuse(self, request):
+        try:
+            request.setblocking(False)  # never wait on the accepting thread
+            request.send(TOO_BUSY_ANSWER)
+        except OSError:
+            pass
+        self.shutdown_request(request)
+        now = time.monotonic()
+        if now - self._refusals_logged_at >= 10:  # a flood of refusals is one line in 10 s
+            log.warning("refused %d connections in 10s: %d open, the most --max-connections "
+                        "allows", self._refused, self.max_connections)
+            self._refused, self._refusals_logged_at = 0, now
+
     def track(self, handler, live):
         with self._connections_changed:
             if live:
                 self._connections.add(handler)
             else:
                 self._connections.discard(handler)
-                self._connections_changed.notify_all()
 
     def drain(self, timeout):
         """After serve_forever() returns: close idle keep-alive connections,
@@ -835,11 +1064,8 @@ class IssuerServer(ThreadingHTTPServer):
             self.stopping = True
             for handler in self._connections:
                 if handler.idle:
-                    try:
-                        handler.connection.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
-            return self._connections_changed.wait_for(lambda: not self._connections, timeout)
+                    _shut(handler.connection)
+            return self._connections_changed.wait_for(lambda: not self._admitted, timeout)
 
     def reload_keys(self):
         """SIGHUP: read the key file again; a bad file keeps the old keys."""
@@ -894,6 +1120,10 @@ def build_parser():
                              "comma-separated; default none)")
     parser.add_argument("--ttl", metavar="SECONDS",
                         help="token lifetime (env JWT_ISSUER_TTL; default 3600)")
+    parser.add_argument("--max-connections", metavar="N",
+                        help="connections served at once, one thread each; idle ones are closed "
+                             "to make room, then clients get 503 (env JWT_ISSUER_MAX_CONNECTIONS;"
+                             " default %d)" % DEFAULT_MAX_CONNECTIONS)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND",
                                      title="commands (instead of serving)")
     genkey = commands.add_parser("genkey", help="write a new P-256 private JWK",
