@@ -446,7 +446,7 @@ class Config:
         def setting(name):  # an empty environment variable counts as unset
             flag = getattr(args, name)
             if flag is not None:
-                return flag, "--" + name
+                return flag, "--" + name.replace("_", "-")
             return environ.get(ENVIRONMENT[name]) or None, ENVIRONMENT[name]
 
         values = {}
@@ -1038,17 +1038,17 @@ class IssuerServer(ThreadingHTTPServer):
         return True
 
     def _refuse(self, request):
+        now = time.monotonic()
+        if now - self._refusals_logged_at >= 10:  # a flood of refusals is one line in 10 s
+            log.warning("refused %d connections in 10s: %d open, the most --max-connections "
+                        "allows", self._refused, self.max_connections)
+            self._refused, self._refusals_logged_at = 0, now
         try:
             request.setblocking(False)  # never wait on the accepting thread
             request.send(TOO_BUSY_ANSWER)
         except OSError:
             pass
         self.shutdown_request(request)
-        now = time.monotonic()
-        if now - self._refusals_logged_at >= 10:  # a flood of refusals is one line in 10 s
-            log.warning("refused %d connections in 10s: %d open, the most --max-connections "
-                        "allows", self._refused, self.max_connections)
-            self._refused, self._refusals_logged_at = 0, now
 
     def track(self, handler, live):
         with self._connections_changed:

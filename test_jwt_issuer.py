@@ -37,6 +37,8 @@ import requests  # the seed's snippet fetches the JWKS with it
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from joserfc import jwt as joserfc_jwt
 from joserfc.jwk import ECKey as JoseECKey
 from joserfc.jwk import KeySet as JoseKeySet
@@ -680,16 +682,18 @@ class ConfigTest(unittest.TestCase):
     def test_environment_then_flags(self):
         environ = {"JWT_ISSUER_HOST": "0.0.0.0", "JWT_ISSUER_PORT": "9000",
                    "JWT_ISSUER_KEY": "/etc/k.json", "JWT_ISSUER_ISSUER": "https://i.example",
-                   "JWT_ISSUER_AUDIENCE": "vault, openbao,,", "JWT_ISSUER_TTL": "60"}
+                   "JWT_ISSUER_AUDIENCE": "vault, openbao,,", "JWT_ISSUER_TTL": "60",
+                   "JWT_ISSUER_MAX_CONNECTIONS": "32"}
         self.assertEqual(self.config(environ=environ),
                          Config(host="0.0.0.0", port=9000, key_path="/etc/k.json",
                                 key_path_given=True, issuer="https://i.example",
-                                audience=("vault", "openbao"), ttl=60))
+                                audience=("vault", "openbao"), ttl=60, max_connections=32))
         flags = ["--host", "::1", "--port", "0", "--key", "k.pem", "--issuer", "http://x:1",
-                 "--audience", "a", "--audience", "b,c", "--ttl", "5"]
+                 "--audience", "a", "--audience", "b,c", "--ttl", "5", "--max-connections", "8"]
         self.assertEqual(self.config(flags, environ),
                          Config(host="::1", port=0, key_path="k.pem", key_path_given=True,
-                                issuer="http://x:1", audience=("a", "b,c"), ttl=5))
+                                issuer="http://x:1", audience=("a", "b,c"), ttl=5,
+                                max_connections=8))
 
     def test_any_audience_flag_replaces_the_environment_list(self):
         config = self.config(["--audience", "only"], {"JWT_ISSUER_AUDIENCE": "a,b"})
@@ -720,6 +724,10 @@ class ConfigTest(unittest.TestCase):
              'host and no query or fragment, not "https://x.example/?a=1"'),
             (["--issuer", ""], {}, "issuer must be an http(s) URL with a host and no query or "
                                    'fragment, not ""'),
+            (["--max-connections", "0"], {},
+             '--max-connections must be an integer from 1 to 100000, not "0"'),
+            ([], {"JWT_ISSUER_MAX_CONNECTIONS": "lots"},
+             'JWT_ISSUER_MAX_CONNECTIONS must be an integer from 1 to 100000, not "lots"'),
             (["--host", ""], {}, "host must not be empty (0.0.0.0 listens on every IPv4 address)"),
             (["--key", ""], {}, "key file name must not be empty"),
             (["--audience", ""], {}, "an audience must be a non-empty string"),
@@ -1377,10 +1385,500 @@ class ProcessTest(TempDirTestCase):
         result = run_command("--help")
         self.assertEqual(result.returncode, 0)
         text = result.stdout.decode()
-        for word in ("--host", "--port", "--key", "--issuer", "--audience", "--ttl", "genkey",
+        for word in ("--host", "--port", "--key", "--issuer", "--audience", "--ttl",
+                     "--max-connections", "genkey",
                      "pem2jwk", *jwt_issuer.ENVIRONMENT.values(), "SIGHUP"):
             self.assertIn(word, text)
         self.assertIn(jwt_issuer.__version__, run_command("--version").stdout.decode())
+
+
+# ---------------------------------------------------------------- hostile input, load and faults
+
+def post(body, content_type="application/json", length=None, extra=b"", target=b"/auth/token"):
+    """A raw POST; length=None sends the true Content-Length, False sends none."""
+    head = b"POST " + target + b" HTTP/1.1\r\nHost: x\r\n"
+    if content_type is not None:
+        head += b"Content-Type: " + content_type.encode() + b"\r\n"
+    if length is None:
+        length = str(len(body)).encode()
+    if length is not False:
+        head += b"Content-Length: " + length + b"\r\n"
+    return head + extra + b"\r\n" + body
+
+
+FOLLOW_UP = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"  # answered only if the framing held
+BODY = b'{"name": "vishpat"}'
+HOSTILE_REQUESTS = [
+    # (what, raw request, the statuses answered on that connection, in order)
+    ("malformed JSON", post(b"{") + FOLLOW_UP, [400, 200]),
+    ("single quotes", post(b"{'name': 'x'}") + FOLLOW_UP, [400, 200]),
+    ("trailing comma", post(b'{"name": "x",}') + FOLLOW_UP, [400, 200]),
+    ("unterminated", post(b'{"name": "x"') + FOLLOW_UP, [400, 200]),
+    ("empty body", post(b"") + FOLLOW_UP, [400, 200]),
+    ("an array", post(b'["vishpat"]'), [400]),
+    ("a string", post(b'"vishpat"'), [400]),
+    ("a number", post(b"42"), [400]),
+    ("null", post(b"null"), [400]),
+    ("no name", post(b"{}"), [400]),
+    ("name null", post(b'{"name": null}'), [400]),
+    ("name a number", post(b'{"name": 5}'), [400]),
+    ("name a float", post(b'{"name": 1.5}'), [400]),
+    ("name a list", post(b'{"name": ["vishpat"]}'), [400]),
+    ("name an object", post(b'{"name": {"first": "v"}}'), [400]),
+    ("name a boolean", post(b'{"name": true}'), [400]),
+    ("name empty", post(b'{"name": ""}'), [400]),
+    ("name 257 characters", post(json_bytes({"name": "a" * 257})), [400]),
+    ("name with NUL", post(b'{"name": "vish\\u0000pat"}'), [400]),
+    ("name with a newline", post(b'{"name": "vish\\npat"}'), [400]),
+    ("name with ESC", post(b'{"name": "\\u001b[31mred"}'), [400]),
+    ("name with DEL", post(b'{"name": "vish\\u007fpat"}'), [400]),
+    ("name a lone surrogate", post(b'{"name": "\\ud800"}'), [400]),
+    ("invalid UTF-8", post(b'{"name": "\xff"}'), [400]),
+    ("overlong UTF-8", post(b'{"name": "\xc0\xaf"}'), [400]),
+    ("UTF-8 surrogate bytes", post(b'{"name": "\xed\xa0\x80"}'), [400]),
+    ("truncated UTF-8", post(b'{"name": "\xe2\x82"}'), [400]),
+    ("byte order mark", post(b'\xef\xbb\xbf{"name": "x"}'), [400]),
+    ("NaN", post(b'{"name": NaN}'), [400]),
+    ("Infinity", post(b'{"name": "x", "n": Infinity}'), [400]),
+    ("duplicate names", post(b'{"name": "vishpat", "name": "root"}'), [400]),
+    ("nested 2000 deep", post(b"[" * 2000 + b"]" * 2000), [400]),
+    ("body over 4 KiB", post(json_bytes({"name": "a" * 5000})) + FOLLOW_UP, [413]),
+    ("no Content-Length", post(BODY, length=False), [411]),
+    ("Content-Length -1", post(BODY, length=b"-1") + FOLLOW_UP, [400]),
+    ("Content-Length abc", post(BODY, length=b"abc") + FOLLOW_UP, [400]),
+    ("Content-Length +19", post(BODY, length=b"+19") + FOLLOW_UP, [400]),
+    ("Content-Length 0x13", post(BODY, length=b"0x13") + FOLLOW_UP, [400]),
+    ("Content-Length 19 19", post(BODY, length=b"19 19") + FOLLOW_UP, [400]),
+    ("Content-Length 10^20", post(BODY, length=b"1" + b"0" * 20) + FOLLOW_UP, [413]),
+    ("two Content-Lengths", post(BODY, extra=b"Content-Length: 20\r\n") + FOLLOW_UP, [400]),
+    ("Content-Length beyond the body", post(BODY, length=b"40"), [400]),
+    ("text/plain", post(BODY, "text/plain") + FOLLOW_UP, [415, 200]),
+    ("form encoded", post(BODY, "application/x-www-form-urlencoded"), [415]),
+    ("json-patch", post(BODY, "application/json-patch+json"), [415]),
+    ("chunked", post(b"13\r\n" + BODY + b"\r\n0\r\n\r\n", length=False,
+                     extra=b"Transfer-Encoding: chunked\r\n") + FOLLOW_UP, [411]),
+    ("chunked and a length", post(BODY, extra=b"Transfer-Encoding: chunked\r\n") + FOLLOW_UP,
+     [411]),
+    ("gzip, chunked", post(BODY, length=False, extra=b"Transfer-Encoding: gzip, chunked\r\n")
+     + FOLLOW_UP, [411]),
+    ("space before a colon", post(BODY, length=False, extra=b"Content-Length : 19\r\n")
+     + FOLLOW_UP, [400]),
+    ("a field line with no colon", post(BODY, extra=b"oops\r\n") + FOLLOW_UP, [400]),
+    ("obs-fold", post(BODY, extra=b"X-Folded: a\r\n b\r\n") + FOLLOW_UP, [400]),
+    ("NUL in a field value", post(BODY, extra=b"X-A: a\x00b\r\n") + FOLLOW_UP, [400]),
+    ("no Host", b"GET /healthz HTTP/1.1\r\n\r\n" + FOLLOW_UP, [400]),
+    ("two Hosts", b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n" + FOLLOW_UP, [400]),
+    ("garbage", b"\x00\x01\x02\x03\r\n\r\n", [400]),
+    ("words", b"hello world\r\n\r\n", [400]),
+    # no line end before the client closes: nothing to answer, the connection just ends
+    ("a TLS ClientHello", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(32), []),
+    ("a TLS ClientHello with a line end", b"\x16\x03\x01\x02\x00\x01\r\n", [400]),
+    ("the HTTP/2 preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", [505]),
+    ("a 100 KB request line", b"GET /" + b"a" * 100000 + b" HTTP/1.1\r\n\r\n", [414]),
+    ("a 100 KB header line", b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100000
+     + b"\r\n\r\n", [431]),
+    ("1000 header fields", b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-A: b\r\n" * 1000
+     + b"\r\n", [431]),
+    ("PATCH", b"PATCH /auth/token HTTP/1.1\r\nHost: x\r\n\r\n" + FOLLOW_UP, [405, 200]),
+    ("a made-up method", b"BREW /auth/jwks HTTP/1.1\r\nHost: x\r\n\r\n", [405]),
+    ("lower-case post", post(BODY).replace(b"POST", b"post", 1), [405]),
+    ("absolute-form", b"GET http://127.0.0.1/auth/jwks HTTP/1.1\r\nHost: x\r\n\r\n", [200]),
+    ("dot-dot", b"GET /auth/../auth/jwks HTTP/1.1\r\nHost: x\r\n\r\n", [404]),
+    ("encoded dot-dot", b"GET /%2e%2e/auth/jwks HTTP/1.1\r\nHost: x\r\n\r\n", [404]),
+    ("query on GET", b"GET /auth/jwks?kid=x HTTP/1.1\r\nHost: x\r\n\r\n", [200]),
+    ("query on POST", post(BODY, target=b"/auth/token?name=root"), [200]),
+    ("oversized Expect: 100-continue", post(b"", length=b"100000",
+                                            extra=b"Expect: 100-continue\r\n"), [413]),
+]
+ALLOWED_STATUSES = {200, 400, 404, 405, 411, 413, 414, 415, 431, 505}
+
+
+class ListHandler(logging.Handler):
+    def __init__(self, records):
+        super().__init__(logging.DEBUG)
+        self.records = records
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+class HostileTest(unittest.TestCase):
+    """Hostile input against one server with short timeouts: each gets its
+    4xx and the server serves on. Every answer and log record is kept, and the
+    last test checks that none of them holds the private key, a token outside
+    its own answer, or a traceback."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.key = new_key()
+        cls.d = private_jwk(cls.key)["d"]
+        cls.context = serving(keyset_for(cls.key))
+        cls.server = cls.context.__enter__()
+        cls.server.request_timeout, cls.server.idle_timeout = 1.0, 2.0
+        cls.records, cls.error_bodies, cls.tokens = [], [], []
+        cls.cases = 0
+        cls.log_handler = ListHandler(cls.records)
+        cls.saved_level = jwt_issuer.log.level
+        jwt_issuer.log.addHandler(cls.log_handler)
+        jwt_issuer.log.setLevel(logging.INFO)
+
+    @classmethod
+    def tearDownClass(cls):
+        jwt_issuer.log.removeHandler(cls.log_handler)
+        jwt_issuer.log.setLevel(cls.saved_level)
+        cls.context.__exit__(None, None, None)
+        print("\n  hostile requests tried: %d" % cls.cases, file=sys.stderr)
+
+    def setUp(self):
+        self.addCleanup(self.assert_serving)
+
+    def assert_serving(self):
+        self.assertEqual(self.send(FOLLOW_UP), [200])
+
+    def send(self, data, timeout=10):
+        """Send raw bytes and end the sending side; the statuses answered. Every
+        answer is checked for its headers and kept for the leak audit."""
+        type(self).cases += 1
+        responses = exchange(self.server, data, timeout)
+        for status, headers, body in responses:
+            self.assertNotEqual(status, 500)
+            self.assertEqual(headers["X-Content-Type-Options"], "nosniff")
+            self.assertIsNone(headers["Server"])
+            if status == 200 and headers["Content-Type"] == "text/plain":
+                self.tokens.append(body.decode())
+                self.assertEqual(headers["Cache-Control"], "no-store")
+            elif status != 200 and not data.startswith(b"HEAD "):  # HEAD: never a body
+                self.error_bodies.append(body)
+                self.assertEqual(sorted(json.loads(body)), ["error", "error_description"])
+        return [status for status, _, _ in responses]
+
+    def test_each_hostile_request_gets_its_status(self):
+        for what, data, statuses in HOSTILE_REQUESTS:
+            with self.subTest(what):
+                self.assertEqual(self.send(data), statuses)
+        # a query string does not add to the body: the subject is the body's name
+        self.assertEqual(segments(self.tokens[-1])[1]["sub"], "vishpat")
+
+    def stalled(self, data):
+        """Send data, then nothing: seconds until the server closes the connection."""
+        sock = socket.create_connection(self.server.server_address[:2], timeout=10)
+        with sock:
+            started = time.monotonic()
+            sock.sendall(data)
+            self.assertEqual(sock.recv(1024), b"")
+            return time.monotonic() - started
+
+    def test_a_stalled_request_is_dropped_and_blocks_no_one(self):
+        cases = [b"POST /auth/token HTTP/1.1\r\nHost: x\r\n",  # head never ends
+                 post(BODY, length=b"40"),  # body never completes
+                 b"G"]  # one byte of a request line
+        for data in cases:
+            with self.subTest(data=data[:30]):
+                waiter = threading.Thread(target=lambda: self.assertLess(self.stalled(data), 2.5))
+                waiter.start()
+                started = time.monotonic()
+                self.assertEqual(self.send(post(BODY)), [200])  # meanwhile, others are served
+                self.assertLess(time.monotonic() - started, 0.5)
+                waiter.join()
+
+    def test_a_request_dripped_a_byte_at_a_time_is_dropped(self):
+        sock = socket.create_connection(self.server.server_address[:2], timeout=10)
+        with sock:
+            started, sent = time.monotonic(), 0
+            try:
+                for byte in post(BODY):
+                    sock.sendall(bytes([byte]))
+                    sent += 1
+                    time.sleep(0.05)
+                    # each byte arrives well inside any per-read timeout
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            else:
+                self.fail("the whole dripped request was taken")
+            self.assertLess(time.monotonic() - started, 2.5)
+            self.assertLess(sent, len(post(BODY)))
+
+    def test_an_idle_connection_is_closed(self):
+        self.assertAlmostEqual(self.stalled(b""), self.server.idle_timeout, delta=0.5)
+
+    def test_many_slow_clients_at_once(self):
+        socks = [socket.create_connection(self.server.server_address[:2]) for _ in range(100)]
+        try:
+            for sock in socks:
+                sock.sendall(b"POST /auth/token HTTP/1.1\r\n")
+            started = time.monotonic()
+            for _ in range(10):
+                self.assertEqual(self.send(post(BODY)), [200])
+            self.assertLess(time.monotonic() - started, 1)
+        finally:
+            for sock in socks:
+                sock.close()
+
+    @settings(max_examples=300, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(st.one_of(
+        st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+                     | st.text(max_size=20),
+                     lambda children: st.lists(children, max_size=4)
+                     | st.dictionaries(st.text(max_size=8), children, max_size=4),
+                     max_leaves=12),
+        st.fixed_dictionaries({"name": st.text(max_size=300)}),
+        st.fixed_dictionaries({"name": st.text(max_size=3)},
+                              optional={"aud": st.text(max_size=3), "x": st.integers()}),
+    ))
+    def test_fuzz_json_bodies(self, document):
+        statuses = self.send(post(json.dumps(document).encode()))
+        name = document.get("name") if isinstance(document, dict) else None
+        good = (isinstance(name, str) and 0 < len(name) <= 256
+                and not re.search("[\x00-\x1f\x7f\ud800-\udfff]", name))
+        self.assertEqual(statuses, [200] if good else [400])
+        if good:
+            self.assertEqual(segments(self.tokens[-1])[1]["sub"], name)
+
+    @settings(max_examples=300, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(st.one_of(
+        st.binary(max_size=600),
+        st.builds(
+            lambda method, target, version, fields, body: b"%s %s %s\r\n%s\r\n%s" % (
+                method, target, version, b"".join(b"%s: %s\r\n" % f for f in fields), body),
+            st.sampled_from([b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"BREW",
+                             b"G\x00T", b""]),
+            st.sampled_from([b"/auth/token", b"/auth/jwks", b"/healthz", b"*", b"/",
+                             b"http://x/auth/jwks", b"/auth/jwks?x"]) | st.binary(max_size=20),
+            st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1.x"])
+            | st.binary(max_size=10),
+            st.lists(st.tuples(
+                st.sampled_from([b"Host", b"Content-Length", b"Content-Type",
+                                 b"Transfer-Encoding", b"Connection", b"Expect", b"X"])
+                | st.binary(max_size=10),
+                st.sampled_from([b"x", b"0", b"19", b"-1", b"application/json", b"chunked",
+                                 b"close", b"100-continue"]) | st.binary(max_size=10),
+            ), max_size=6),
+            st.sampled_from([BODY, b"", b"{", b"0\r\n\r\n"]) | st.binary(max_size=40)),
+    ))
+    def test_fuzz_raw_requests(self, data):
+        statuses = self.send(data)
+        self.assertLessEqual(set(statuses), ALLOWED_STATUSES)
+
+    def test_zz_nothing_secret_leaked(self):
+        # Last by name, in unittest and in pytest alike: the audit of all the above.
+        self.assertGreater(len(self.tokens), 10)
+        messages = [record.getMessage() for record in self.records]
+        self.assertGreater(len(messages), self.cases)
+        signatures = [token.rsplit(".", 1)[1] for token in self.tokens]
+        for text in messages + [body.decode("utf-8", "replace") for body in self.error_bodies]:
+            self.assertNotIn(self.d, text)
+            self.assertNotIn("Traceback", text)
+            for signature in signatures:
+                self.assertNotIn(signature, text)
+        self.assertEqual([r.getMessage() for r in self.records if r.exc_info or
+                          r.levelno >= logging.ERROR], [])
+
+
+class ConnectionLimitTest(unittest.TestCase):
+    def test_idle_connections_make_room_then_clients_get_a_fast_503(self):
+        with serving(keyset_for(new_key()), max_connections=16) as server:
+            server.request_timeout, server.idle_timeout = 1.0, 5.0
+            address = server.server_address[:2]
+            threads_before = threading.active_count()
+            idle = [socket.create_connection(address) for _ in range(40)]
+            self.addCleanup(lambda: [sock.close() for sock in idle])
+            time.sleep(0.3)
+            self.assertLessEqual(threading.active_count() - threads_before, 16 + 1)
+            # idle connections are closed to make room: a client still gets its token
+            self.assertEqual(request(server, "POST", "/auth/token", BODY, JSON_HEADERS)[0], 200)
+            # ... but requests in progress are not: with every slot busy, a fast 503
+            halves = [socket.create_connection(address) for _ in range(16)]
+            self.addCleanup(lambda: [sock.close() for sock in halves])
+            for sock in halves:
+                sock.sendall(b"POST /auth/token HTTP/1.1\r\n")
+            time.sleep(0.3)
+            with self.assertLogs("jwt_issuer", "WARNING") as logs:
+                started = time.monotonic()
+                status, headers, body = request(server, "GET", "/healthz")
+                self.assertLess(time.monotonic() - started, 0.5)
+            self.assertEqual((status, headers["Retry-After"], headers["Connection"]),
+                             (503, "1", "close"))
+            self.assertEqual(json.loads(body), {"error": "temporarily_unavailable",
+                                                "error_description": "too many connections"})
+            self.assertIn("the most --max-connections allows", logs.records[0].getMessage())
+            # once the stalled requests time out, there is room again
+            time.sleep(1.2)
+            self.assertEqual(request(server, "GET", "/healthz")[0], 200)
+
+
+def proc_status(pid):
+    with open("/proc/%d/status" % pid) as f:
+        return {name: int(value.split()[0]) for name, value in
+                (line.split(":", 1) for line in f) if name in ("Threads", "VmRSS")}
+
+
+class LoadTest(TempDirTestCase):
+    def test_300_idle_connections_while_tokens_are_issued(self):
+        process = self.start("--key", self.key_file())
+        host, port = process.url[len("http://"):].rsplit(":", 1)
+        process.token()
+        before = proc_status(process.proc.pid)
+        idle = [socket.create_connection((host, int(port))) for _ in range(300)]
+        self.addCleanup(lambda: [sock.close() for sock in idle])
+        time.sleep(0.5)
+        started = time.monotonic()
+        tokens = [process.token() for _ in range(20)]
+        self.assertLess(time.monotonic() - started, 5)
+        after = proc_status(process.proc.pid)
+        self.assertLessEqual(after["Threads"], jwt_issuer.DEFAULT_MAX_CONNECTIONS + 2)
+        self.assertLess(after["VmRSS"] - before["VmRSS"], 32 * 1024)  # KiB: a few MB measured
+        self.assertEqual(len(set(tokens)), 20)
+        print("\n  300 idle connections: %d threads, RSS %d -> %d KiB"
+              % (after["Threads"], before["VmRSS"], after["VmRSS"]), file=sys.stderr)
+
+    def load(self, url, clients, seconds, results, stop=None):
+        """CLIENTS threads, each on one keep-alive connection, asking for tokens
+        for SECONDS or until STOP is set; results gets (status, body, connection header)."""
+        host, port = url[len("http://"):].rsplit(":", 1)
+        deadline = time.monotonic() + seconds
+
+        def client(number):
+            connection = http.client.HTTPConnection(host, int(port), timeout=10)
+            body = json_bytes({"name": "client-%d" % number})
+            try:
+                while time.monotonic() < deadline and not (stop and stop.is_set()):
+                    connection.request("POST", "/auth/token", body, JSON_HEADERS)
+                    response = connection.getresponse()
+                    results.append((response.status, response.read(),
+                                    response.headers["Connection"]))
+            except (ConnectionError, http.client.HTTPException, OSError) as error:
+                results.append((None, repr(error), None))
+            finally:
+                connection.close()
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+        for thread in threads:
+            thread.start()
+        return threads
+
+    def test_load_over_keep_alive(self):
+        key = new_key()
+        process = self.start("--key", self.key_file(key))
+        results = []
+        started = time.monotonic()
+        for thread in self.load(process.url, clients=32, seconds=3, results=results):
+            thread.join()
+        elapsed = time.monotonic() - started
+        self.assertEqual([r for r in results if r[0] != 200], [])
+        tokens = [body.decode() for _, body, _ in results]
+        self.assertGreater(len(tokens), 500)
+        self.assertEqual(len(set(tokens)), len(tokens))
+        jwks = process.get("/auth/jwks").json()
+        public = jwt.algorithms.ECAlgorithm.from_jwk(jwks["keys"][0])
+        jtis = set()
+        for token in tokens:
+            claims = jwt.decode(token, key=public, algorithms=["ES256"])
+            self.assertRegex(claims["sub"], r"^client-\d+$")
+            jtis.add(claims["jti"])
+        self.assertEqual(len(jtis), len(tokens))
+        print("\n  load: %d requests by 32 keep-alive clients in %.1f s, 0 errors"
+              % (len(tokens), elapsed), file=sys.stderr)
+
+    def test_sigterm_under_load_finishes_what_is_in_flight(self):
+        process = self.start("--key", self.key_file())
+        host, port = process.url[len("http://"):].rsplit(":", 1)
+        results, stop = [], threading.Event()
+        threads = self.load(process.url, clients=16, seconds=30, results=results, stop=stop)
+        in_flight = socket.create_connection((host, int(port)), timeout=10)
+        self.addCleanup(in_flight.close)
+        request_bytes = post(BODY)
+        in_flight.sendall(request_bytes[:-5])  # a request half sent when the signal comes
+        time.sleep(0.5)
+        process.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)  # the server is stopping now, with the request unfinished
+        in_flight.sendall(request_bytes[-5:])
+        status, headers, body = read_response(in_flight.makefile("rb"))
+        self.assertEqual((status, headers["Connection"]), (200, "close"))
+        self.assertEqual(process.proc.wait(10), 0)
+        stop.set()
+        for thread in threads:
+            thread.join()
+        answered = [r for r in results if r[0] is not None]
+        self.assertGreater(len(answered), 100)
+        # every answer that came was whole and a success; the rest found the door shut
+        self.assertEqual({r[0] for r in answered}, {200})
+        for status, body, _ in answered:
+            segments(body.decode())
+        self.assertLessEqual(len(results) - len(answered), 16)
+        self.assertNotIn("Traceback", process.log)
+
+    def test_sighup_while_a_request_is_in_flight(self):
+        old, new = new_key(), new_key()
+        path = self.key_file(old)
+        process = self.start("--key", path)
+        host, port = process.url[len("http://"):].rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            request_bytes = post(BODY)
+            sock.sendall(request_bytes[:-5])
+            self.write("new.json", {"keys": [private_jwk(new), public_jwk(old.public_key())]})
+            os.replace(os.path.join(self.dir, "new.json"), path)
+            process.proc.send_signal(signal.SIGHUP)
+            process.wait_for("reloaded keys from")
+            sock.sendall(request_bytes[-5:])
+            stream = sock.makefile("rb")
+            status, headers, body = read_response(stream)
+            self.assertEqual(status, 200)
+            self.assertEqual(segments(body.decode())[0]["kid"],
+                             public_jwk(new.public_key())["kid"])
+            sock.sendall(FOLLOW_UP)  # and the connection goes on
+            self.assertEqual(read_response(stream)[0], 200)
+
+    def test_sighup_with_an_unreadable_key_file_keeps_the_keys(self):
+        key = new_key()
+        path = self.key_file(key)
+        process = self.start("--key", path)
+        os.remove(path)
+        os.mkdir(path)  # unreadable as a file, whoever runs the tests
+        process.proc.send_signal(signal.SIGHUP)
+        process.wait_for("key reload failed, still signing with kid %s: cannot read key file "
+                         "%s: Is a directory" % (re.escape(public_jwk(key.public_key())["kid"]),
+                                                 re.escape(path)))
+        self.assertEqual(segments(process.token())[0]["kid"], public_jwk(key.public_key())["kid"])
+        self.assertEqual(process.stop(), 0)
+
+
+class KeyFileWriteTest(TempDirTestCase):
+    def test_racing_writers_one_wins_whole_and_no_temp_file_is_left(self):
+        path = os.path.join(self.dir, "key.json")
+        outcomes = []
+        start = threading.Barrier(8)
+
+        def writer(number):
+            data = (b"%d" % number) * 10000
+            start.wait()
+            try:
+                jwt_issuer.write_new_file(path, data)
+                outcomes.append(data)
+            except ConfigError as error:
+                outcomes.append(str(error))
+
+        threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        written = [o for o in outcomes if isinstance(o, bytes)]
+        self.assertEqual(len(written), 1)
+        self.assertEqual(sorted(o for o in outcomes if isinstance(o, str)),
+                         ["%s already exists; not overwriting it" % path] * 7)
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), written[0])
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        self.assertEqual(os.listdir(self.dir), ["key.json"])
+
+    def test_a_failed_write_leaves_nothing(self):
+        with self.assertRaises(ConfigError):
+            jwt_issuer.write_new_file(os.path.join(self.dir, "missing-dir", "key.json"), b"x")
+        with self.assertRaises(ConfigError):
+            jwt_issuer.write_new_file("/sys/key.json", b"x")
+        self.assertEqual(os.listdir(self.dir), [])
 
 
 # ---------------------------------------------------------------- Vault / OpenBao, for real
