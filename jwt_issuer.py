@@ -28,16 +28,20 @@ __version__ = "1.0.0"
 import argparse
 import base64
 import email.utils
+import getpass
 import hashlib
+import hmac
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import secrets
 import signal
 import socket
 import socketserver
+import ssl
 import sys
 import tempfile
 import threading
@@ -81,6 +85,20 @@ P256_BYTES = 32
 P256 = ec.SECP256R1()
 P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551  # n, SEC 2 §2.4.2
 ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
+
+# Passwords (--auth-file): scrypt, RFC 7914, at 16 MiB and tens of milliseconds a
+# check; PBKDF2-SHA256 where this Python's hashlib has no scrypt. Auth files
+# with weaker settings than the floors are refused.
+SCRYPT_LOG2_N, SCRYPT_R, SCRYPT_P = 14, 8, 1
+SCRYPT_FLOOR_LOG2_N = 14
+PBKDF2_ITERATIONS = 600000
+PBKDF2_FLOOR_ITERATIONS = 100000
+PASSWORD_CHECKS_AT_ONCE = os.cpu_count() or 2  # each scrypt check holds 16 MiB
+VERIFIED_CACHE_SECONDS = 60  # a successful check is reused this long, until any reload
+VERIFIED_CACHE_ENTRIES = 1024
+FAILURES_ALLOWED = 10  # per client address (an IPv6 /64), then 429 ...
+FAILURE_REFILL_SECONDS = 6  # ... and one more each 6 s: a locked address is free within a minute
+REALM = "jwt-issuer"
 
 # RFC 7638 thumbprint of key.json.example, which anyone can read: a server
 # signing with it (or publishing it) trusts tokens that anyone can forge.
@@ -347,8 +365,9 @@ _FORBIDDEN_IN_NAME = re.compile("[\x00-\x1f\x7f]")  # C0 controls and DEL
 _SURROGATE = re.compile("[\ud800-\udfff]")  # "\ud800" is valid JSON but no Unicode text
 
 
-def subject_from_body(body):
-    """The token subject from a request body {"name": ...}, or HTTPError 400."""
+def subject_from_body(body, required=True):
+    """The "name" of a request body {"name": ...}, checked, or HTTPError 400;
+    None where it is absent and not required."""
     try:
         document = parse_json(body)
     except UnicodeDecodeError:
@@ -358,6 +377,8 @@ def subject_from_body(body):
     if not isinstance(document, dict):
         raise HTTPError(400, "invalid_request", "body must be a JSON object")
     name = document.get("name")
+    if name is None and not required:
+        return None
     if name is None:
         raise HTTPError(400, "invalid_request", "name is required")
     if not isinstance(name, str):
@@ -388,6 +409,121 @@ def discovery_document(issuer):
     }
 
 
+# ---------------------------------------------------------------- the pure core: passwords
+
+def _b64(data):  # the PHC string format's base64: standard alphabet, no padding
+    return base64.b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text):
+    if not re.fullmatch(r"[A-Za-z0-9+/]*", text) or len(text) % 4 == 1:
+        raise ValueError("not base64")
+    return base64.b64decode(text + "=" * (-len(text) % 4))
+
+
+@dataclass(frozen=True)
+class PasswordHash:
+    """A salted, slow password hash in PHC string format:
+    $scrypt$ln=14,r=8,p=1$SALT$HASH or $pbkdf2-sha256$i=600000$SALT$HASH."""
+
+    scheme: str
+    params: tuple  # (log2 N, r, p) for scrypt, (iterations,) for PBKDF2
+    salt: bytes
+    digest: bytes
+
+    @classmethod
+    def parse(cls, text):
+        parts = text.split("$")
+        if len(parts) != 5 or parts[0]:
+            raise ValueError("not a $scheme$settings$salt$hash password hash")
+        _, scheme, settings, salt, digest = parts
+        names = {"scrypt": ("ln", "r", "p"), "pbkdf2-sha256": ("i",)}.get(scheme)
+        if names is None:
+            raise ValueError("unknown password hash scheme %s" % json.dumps(scheme)[:40])
+        try:
+            given = dict(setting.split("=", 1) for setting in settings.split(","))
+            params = tuple(int(given.pop(name)) for name in names)
+            salt, digest = _unb64(salt), _unb64(digest)
+        except (KeyError, ValueError):
+            raise ValueError("malformed %s settings, salt or hash" % scheme) from None
+        if given or len(salt) < 8 or len(digest) < 16:
+            raise ValueError("malformed %s settings, salt or hash" % scheme)
+        if scheme == "scrypt":
+            log2_n, r, p = params
+            if not (SCRYPT_FLOOR_LOG2_N <= log2_n <= 20 and 1 <= r <= 32 and 1 <= p <= 16):
+                raise ValueError("scrypt settings out of range (ln %d-20, r 1-32, p 1-16)"
+                                 % SCRYPT_FLOOR_LOG2_N)
+            if not hasattr(hashlib, "scrypt"):
+                raise ValueError("this Python's hashlib has no scrypt; use pbkdf2-sha256")
+        elif not PBKDF2_FLOOR_ITERATIONS <= params[0] <= 10 ** 8:
+            raise ValueError("pbkdf2-sha256 needs %d iterations or more" % PBKDF2_FLOOR_ITERATIONS)
+        return cls(scheme, params, salt, digest)
+
+    def derive(self, password):
+        secret = password.encode("utf-8")
+        if self.scheme == "scrypt":
+            log2_n, r, p = self.params
+            return hashlib.scrypt(secret, salt=self.salt, n=2 ** log2_n, r=r, p=p,
+                                  maxmem=256 * r * 2 ** log2_n, dklen=len(self.digest))
+        return hashlib.pbkdf2_hmac("sha256", secret, self.salt, self.params[0],
+                                   dklen=len(self.digest))
+
+    def matches(self, password):
+        return hmac.compare_digest(self.derive(password), self.digest)
+
+
+def hash_password(password, salt):
+    """A new password hash string: scrypt, or PBKDF2-SHA256 where there is none."""
+    if hasattr(hashlib, "scrypt"):
+        scheme, params = "scrypt", (SCRYPT_LOG2_N, SCRYPT_R, SCRYPT_P)
+        settings = "ln=%d,r=%d,p=%d" % params
+    else:
+        scheme, params = "pbkdf2-sha256", (PBKDF2_ITERATIONS,)
+        settings = "i=%d" % PBKDF2_ITERATIONS
+    digest = PasswordHash(scheme, params, salt, bytes(32)).derive(password)
+    return "$%s$%s$%s$%s" % (scheme, settings, _b64(salt), _b64(digest))
+
+
+def check_user_name(name):
+    """A name that HTTP Basic can carry (RFC 7617 §2: no colon) and a log can show."""
+    if not name or ":" in name or _FORBIDDEN_IN_NAME.search(name) or len(name) > MAX_NAME_CHARS:
+        raise ValueError("a user name must be 1-%d characters, with no colon or control "
+                         "character" % MAX_NAME_CHARS)
+    return name
+
+
+def parse_auth_file(text):
+    """{user: PasswordHash} from lines user:HASH; # comments and blank lines allowed."""
+    users = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, colon, encoded = line.partition(":")
+        try:
+            if not colon:
+                raise ValueError("expected user:HASH")
+            if check_user_name(user) in users:
+                raise ValueError("user %s appears twice" % json.dumps(user))
+            users[user] = PasswordHash.parse(encoded)
+        except ValueError as error:
+            raise ValueError("line %d: %s" % (number, error)) from None
+    return users
+
+
+def basic_credentials(authorization):
+    """(user, password) from an Authorization header (RFC 7617 §2), or None."""
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):  # binascii.Error is a ValueError
+        return None
+    user, colon, password = decoded.partition(":")
+    return (user, password) if colon and user else None
+
+
 # ---------------------------------------------------------------- configuration
 
 ENVIRONMENT = {
@@ -398,6 +534,10 @@ ENVIRONMENT = {
     "audience": "JWT_ISSUER_AUDIENCE",
     "ttl": "JWT_ISSUER_TTL",
     "max_connections": "JWT_ISSUER_MAX_CONNECTIONS",
+    "auth_file": "JWT_ISSUER_AUTH_FILE",
+    "tls_cert": "JWT_ISSUER_TLS_CERT",
+    "tls_key": "JWT_ISSUER_TLS_KEY",
+    "tls_client_ca": "JWT_ISSUER_TLS_CLIENT_CA",
 }
 
 
@@ -421,10 +561,14 @@ class Config:
     port: int = DEFAULT_PORT
     key_path: str = DEFAULT_KEY_PATH
     key_path_given: bool = False  # a key named on purpose must exist; the default is made
-    issuer: str = None  # None until the port is bound: then http://localhost:PORT
+    issuer: str = None  # None until the port is bound: then http(s)://localhost:PORT
     audience: tuple = ()
     ttl: int = DEFAULT_TTL_SECONDS
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    auth_file: str = None  # users and password hashes: POST /auth/token needs HTTP Basic
+    tls_cert: str = None  # with tls_key: HTTPS
+    tls_key: str = None
+    tls_client_ca: str = None  # POST /auth/token needs a client certificate from this CA
 
     def __post_init__(self):
         if not self.host:
@@ -439,6 +583,14 @@ class Config:
                                   "fragment, not %s" % json.dumps(self.issuer))
         if any(not isinstance(aud, str) or not aud.strip() for aud in self.audience):
             raise ConfigError("an audience must be a non-empty string")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key")
+
+    @property
+    def scheme(self):
+        return "http" if self.tls_cert is None else "https"
 
     @classmethod
     def from_args(cls, args, environ):
@@ -462,6 +614,12 @@ class Config:
         max_connections, source = setting("max_connections")
         if max_connections is not None:
             values["max_connections"] = _integer(max_connections, source, 1, 100000)
+        for name in ("auth_file", "tls_cert", "tls_key", "tls_client_ca"):
+            path, source = setting(name)
+            if path == "":
+                raise ConfigError("%s must name a file" % source)
+            if path is not None:
+                values[name] = path
         key_path, _ = setting("key")
         if key_path is not None:
             values.update(key_path=key_path, key_path_given=True)
@@ -528,6 +686,50 @@ def load_keyset(path):
     return keys
 
 
+def load_users(path):
+    """{user: PasswordHash} from an auth file; ConfigError names the file, the line, the problem."""
+    try:
+        with open(path, "rb") as auth_file:
+            text = auth_file.read(16 * 1024 * 1024).decode("utf-8")
+        mode = os.stat(path).st_mode
+    except UnicodeDecodeError:
+        raise ConfigError("auth file %s is not UTF-8" % path) from None
+    except OSError as error:
+        raise ConfigError("cannot read auth file %s: %s"
+                          % (path, error.strerror or error)) from None
+    try:
+        users = parse_auth_file(text)
+    except ValueError as error:
+        raise ConfigError("auth file %s %s" % (path, error)) from None
+    if not users:
+        raise ConfigError("auth file %s has no users: no one could get a token" % path)
+    if mode & 0o077:
+        log.warning("auth file %s can be read by group or others (mode %04o): chmod 600 %s",
+                    path, mode & 0o7777, path)
+    return users
+
+
+def load_tls_context(config):
+    """TLS 1.2 and up with the ssl module's defaults; with a client CA, the
+    handshake asks for a client certificate (and checks one that comes) but
+    does not demand one: verifiers fetch the JWKS without."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except (OSError, ssl.SSLError) as error:
+        raise ConfigError("cannot load the TLS certificate %s and key %s: %s" % (
+            config.tls_cert, config.tls_key, getattr(error, "strerror", None) or error)) from None
+    if config.tls_client_ca is not None:
+        try:
+            context.load_verify_locations(config.tls_client_ca)
+        except (OSError, ssl.SSLError) as error:
+            raise ConfigError("cannot load the client CA %s: %s" % (
+                config.tls_client_ca, getattr(error, "strerror", None) or error)) from None
+        context.verify_mode = ssl.CERT_OPTIONAL
+    return context
+
+
 def obtain_keys(config):
     """The configured keys; the default ./key.json is made when missing."""
     if not config.key_path_given and not os.path.exists(config.key_path):
@@ -555,13 +757,19 @@ def _media_type(value):
 
 
 def issue_token(request):
-    if request.headers.get("Content-Length") is None:
-        raise HTTPError(411, "invalid_request", "Content-Length is required")
-    content_type = request.headers.get("Content-Type")
-    if content_type is not None and _media_type(content_type) != JSON_TYPE:
-        raise HTTPError(415, "invalid_request", "Content-Type must be application/json")
-    sub = subject_from_body(request.body)
     server = request.server
+    authenticated = server.authenticate(request)  # None when the endpoint is open
+    if authenticated is None and request.headers.get("Content-Length") is None:
+        raise HTTPError(411, "invalid_request", "Content-Length is required")
+    name = None
+    if request.body or authenticated is None:
+        content_type = request.headers.get("Content-Type")
+        if content_type is not None and _media_type(content_type) != JSON_TYPE:
+            raise HTTPError(415, "invalid_request", "Content-Type must be application/json")
+        name = subject_from_body(request.body, required=authenticated is None)
+    if authenticated is not None and name is not None and name != authenticated:
+        raise HTTPError(403, "access_denied", "name must be the authenticated user's")
+    sub = authenticated or name
     keys, config = server.keys, server.config
     claims = make_claims(sub, issuer=config.issuer, audience=config.audience, ttl=config.ttl,
                          now=int(time.time()), jti=secrets.token_urlsafe(16))
@@ -604,6 +812,115 @@ def _allowed_methods(routes):
 
 
 ALLOWED_METHODS = _allowed_methods(ROUTES)  # for the Allow header of a 405
+
+
+# ---------------------------------------------------------------- the HTTP edge: who may ask
+
+def client_key(address):
+    """What failed logins are counted by: the address, or an IPv6 address's /64,
+    which one client can otherwise walk through."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if ip.version == 6:
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network((ip, 64), strict=False))
+    return str(ip)
+
+
+class FailureLimiter:
+    """Failed logins per client address: a bucket of `allowed` that refills one
+    every `refill_seconds`. An empty bucket is a 429 before any password is
+    checked; other addresses, a real user's among them, are not affected, and
+    an address that stops failing is free again within a minute."""
+
+    MAX_ADDRESSES = 10000
+
+    def __init__(self, allowed=FAILURES_ALLOWED, refill_seconds=FAILURE_REFILL_SECONDS):
+        self.allowed, self.refill_seconds = allowed, refill_seconds
+        self._buckets = {}  # client key -> (level, when)
+        self._lock = threading.Lock()
+
+    def _level(self, key, now):
+        level, when = self._buckets.get(key, (self.allowed, now))
+        return min(self.allowed, level + (now - when) / self.refill_seconds)
+
+    def retry_after(self, key, now):
+        """0, or the whole seconds until this client may try again."""
+        with self._lock:
+            missing = 1 - self._level(key, now)
+        return 0 if missing <= 0 else math.ceil(missing * self.refill_seconds)
+
+    def failed(self, key, now):
+        with self._lock:
+            self._buckets[key] = (self._level(key, now) - 1, now)
+            if len(self._buckets) > self.MAX_ADDRESSES:  # forget the oldest half
+                by_age = sorted(self._buckets, key=lambda k: self._buckets[k][1])
+                for old in by_age[:len(by_age) // 2]:
+                    del self._buckets[old]
+
+
+class Authenticator:
+    """HTTP Basic (RFC 7617) against an auth file's users.
+
+    An unknown user costs a slow hash too (a dummy one), so that the answer and
+    its time are the same as for a wrong password. A successful check is kept
+    for VERIFIED_CACHE_SECONDS under an HMAC of the credentials with a key of
+    this process's, so a busy client does not pay a slow hash per token and no
+    password is kept; a reload makes a new Authenticator, with an empty cache."""
+
+    def __init__(self, users, checks_at_once):
+        self.users = users
+        self._checks_at_once = checks_at_once  # a semaphore: each scrypt check holds 16 MiB
+        self._cache_key = secrets.token_bytes(32)
+        self._verified = {}  # HMAC of the credentials -> (user, when it expires)
+        self._lock = threading.Lock()
+        self._dummy = PasswordHash.parse(hash_password(secrets.token_urlsafe(16), os.urandom(16)))
+
+    def check(self, user, password, now):
+        """None when the credentials are good, else why not (for the log)."""
+        user_bytes = user.encode("utf-8")  # length-prefixed: user and password cannot blur
+        credentials = b"%d:%s%s" % (len(user_bytes), user_bytes, password.encode("utf-8"))
+        cache_key = hmac.new(self._cache_key, credentials, "sha256").digest()
+        cached = self._verified.get(cache_key)
+        if cached is not None and cached[1] > now:
+            return None
+        expected = self.users.get(user)
+        if not self._checks_at_once.acquire(timeout=REQUEST_TIMEOUT_SECONDS):
+            raise HTTPError(503, "temporarily_unavailable", "too many password checks at once",
+                            headers=[("Retry-After", "1")])
+        try:
+            matches = (expected or self._dummy).matches(password)
+        finally:
+            self._checks_at_once.release()
+        if expected is None:
+            return "unknown user"
+        if not matches:
+            return "wrong password for %s" % json.dumps(user)
+        with self._lock:
+            if len(self._verified) >= VERIFIED_CACHE_ENTRIES:
+                self._verified.pop(next(iter(self._verified)))
+            self._verified[cache_key] = (user, now + VERIFIED_CACHE_SECONDS)
+        return None
+
+
+def certificate_subject(connection):
+    """The common name of a client certificate the TLS handshake verified, or None."""
+    getpeercert = getattr(connection, "getpeercert", None)
+    certificate = getpeercert() if getpeercert is not None else None
+    if not certificate:
+        return None
+    names = [value for rdn in certificate.get("subject", ()) for key, value in rdn
+             if key == "commonName"]
+    try:
+        return check_user_name(names[0]) if len(names) == 1 else None
+    except ValueError:
+        return None
+
+
+CHALLENGE = ("WWW-Authenticate", 'Basic realm="%s", charset="UTF-8"' % REALM)  # RFC 7617 §2.1
 
 
 # ---------------------------------------------------------------- the HTTP edge: the handler
@@ -972,8 +1289,14 @@ class IssuerServer(ThreadingHTTPServer):
     request_timeout = REQUEST_TIMEOUT_SECONDS
 
     def __init__(self, config, keys=None):
+        """Loads the auth and TLS files (ConfigError), then binds (OSError)."""
         self.address_family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
         self.keys = keys
+        self.password_checks = threading.BoundedSemaphore(PASSWORD_CHECKS_AT_ONCE)
+        self.auth = (None if config.auth_file is None
+                     else Authenticator(load_users(config.auth_file), self.password_checks))
+        self.limiter = FailureLimiter()
+        self.tls_context = None if config.tls_cert is None else load_tls_context(config)
         self.stopping = False
         self.max_connections = config.max_connections
         self._admitted = 0  # connections accepted and not yet closed; one thread each
@@ -983,7 +1306,8 @@ class IssuerServer(ThreadingHTTPServer):
         self._reload_lock = threading.Lock()
         super().__init__((config.host, config.port), RequestHandler)
         if config.issuer is None:
-            config = replace(config, issuer="http://localhost:%d" % self.server_address[1])
+            issuer = "%s://localhost:%d" % (config.scheme, self.server_address[1])
+            config = replace(config, issuer=issuer)
         self.config = config
         self.discovery_body = json_bytes(discovery_document(config.issuer))
 
@@ -996,7 +1320,53 @@ class IssuerServer(ThreadingHTTPServer):
     @property
     def url(self):
         host, port = self.server_address[:2]
-        return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
+        return "%s://%s:%d" % (self.config.scheme, "[%s]" % host if ":" in host else host, port)
+
+    def finish_request(self, request, client_address):
+        """On the connection's own thread: the TLS handshake, within the request
+        timeout (in the accepting thread, one slow client would stall them all)."""
+        context = self.tls_context
+        if context is None:
+            return super().finish_request(request, client_address)
+        request.settimeout(self.request_timeout)
+        try:
+            connection = context.wrap_socket(request, server_side=True)
+        except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
+            log.info("TLS handshake with %s failed: %s", client_address[0],
+                     getattr(error, "reason", None) or error)
+            return
+        try:
+            super().finish_request(connection, client_address)
+        finally:
+            connection.close()
+
+    def authenticate(self, request):
+        """For POST /auth/token: who is asking, or None when it is open to all.
+        With an auth file, the HTTP Basic user; else, with a client CA, the
+        client certificate's common name; with both, both are needed and the
+        Basic user is the subject."""
+        subject = None
+        if self.config.tls_client_ca is not None:
+            subject = certificate_subject(request.connection)
+            if subject is None:
+                raise HTTPError(401, "invalid_client", "a client certificate is required")
+        auth = self.auth
+        if auth is not None:
+            key, now = client_key(request.client_address[0]), time.monotonic()
+            wait = self.limiter.retry_after(key, now)
+            if wait:
+                raise HTTPError(429, "slow_down", "too many failed logins from this address",
+                                headers=[("Retry-After", str(wait))])
+            credentials = basic_credentials(request.headers.get("Authorization"))
+            failure = "no credentials" if credentials is None else auth.check(*credentials, now)
+            if failure is not None:
+                if credentials is not None:
+                    self.limiter.failed(key, now)
+                log.info("authentication failed from %s: %s", request.client_address[0], failure)
+                raise HTTPError(401, "invalid_client", "missing or wrong credentials",
+                                headers=[CHALLENGE])
+            subject = credentials[0]
+        return subject
 
     def process_request(self, request, client_address):
         """On the accepting thread: admit the connection, making room by
@@ -1038,6 +1408,8 @@ class IssuerServer(ThreadingHTTPServer):
         return True
 
     def _refuse(self, request):
+        # Over TLS the 503 cannot be read before a handshake: just close.
+        answer = TOO_BUSY_ANSWER if self.tls_context is None else b""
         now = time.monotonic()
         if now - self._refusals_logged_at >= 10:  # a flood of refusals is one line in 10 s
             log.warning("refused %d connections in 10s: %d open, the most --max-connections "
@@ -1045,7 +1417,7 @@ class IssuerServer(ThreadingHTTPServer):
             self._refused, self._refusals_logged_at = 0, now
         try:
             request.setblocking(False)  # never wait on the accepting thread
-            request.send(TOO_BUSY_ANSWER)
+            request.send(answer)
         except OSError:
             pass
         self.shutdown_request(request)
@@ -1067,18 +1439,30 @@ class IssuerServer(ThreadingHTTPServer):
                     _shut(handler.connection)
             return self._connections_changed.wait_for(lambda: not self._admitted, timeout)
 
-    def reload_keys(self):
-        """SIGHUP: read the key file again; a bad file keeps the old keys."""
+    def reload(self):
+        """SIGHUP: read the key file, the auth file and the TLS files again.
+        Each bad one keeps what it would have replaced, and the log says why."""
+        config = self.config
         with self._reload_lock:
-            old = self.keys
             try:
-                self.keys = load_keyset(self.config.key_path)
+                self.keys = load_keyset(config.key_path)
+                log.info("reloaded keys from %s: signing with kid %s, publishing %s",
+                         config.key_path, self.keys.kid, ", ".join(self.keys.kids))
             except ConfigError as error:
-                log.error("key reload failed, still signing with kid %s: %s", old.kid, error)
-                return False
-            log.info("reloaded keys from %s: signing with kid %s, publishing %s",
-                     self.config.key_path, self.keys.kid, ", ".join(self.keys.kids))
-            return True
+                log.error("key reload failed, still signing with kid %s: %s", self.keys.kid, error)
+            if config.auth_file is not None:
+                try:
+                    self.auth = Authenticator(load_users(config.auth_file), self.password_checks)
+                    log.info("reloaded %d users from %s", len(self.auth.users), config.auth_file)
+                except ConfigError as error:
+                    log.error("auth file reload failed, keeping %d users: %s",
+                              len(self.auth.users), error)
+            if config.tls_cert is not None:
+                try:
+                    self.tls_context = load_tls_context(config)
+                    log.info("reloaded the TLS certificate %s", config.tls_cert)
+                except ConfigError as error:
+                    log.error("TLS reload failed, keeping the certificate in use: %s", error)
 
     def handle_error(self, request, client_address):
         error = sys.exc_info()[1]
@@ -1124,6 +1508,17 @@ def build_parser():
                         help="connections served at once, one thread each; idle ones are closed "
                              "to make room, then clients get 503 (env JWT_ISSUER_MAX_CONNECTIONS;"
                              " default %d)" % DEFAULT_MAX_CONNECTIONS)
+    parser.add_argument("--auth-file", metavar="FILE",
+                        help="lines user:HASH (see hash-password): POST /auth/token then needs "
+                             "HTTP Basic, and the user is the subject (env JWT_ISSUER_AUTH_FILE)")
+    parser.add_argument("--tls-cert", metavar="FILE",
+                        help="PEM certificate (chain): serve HTTPS (env JWT_ISSUER_TLS_CERT)")
+    parser.add_argument("--tls-key", metavar="FILE",
+                        help="PEM private key of --tls-cert (env JWT_ISSUER_TLS_KEY)")
+    parser.add_argument("--tls-client-ca", metavar="FILE",
+                        help="PEM CA: POST /auth/token then needs a client certificate it "
+                             "signed, whose common name is the subject unless --auth-file is "
+                             "on too (env JWT_ISSUER_TLS_CLIENT_CA)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND",
                                      title="commands (instead of serving)")
     genkey = commands.add_parser("genkey", help="write a new P-256 private JWK",
@@ -1137,6 +1532,12 @@ def build_parser():
     pem2jwk.add_argument("file", nargs="?", metavar="FILE", help="PEM file (default: stdin)")
     pem2jwk.add_argument("-o", "--output", metavar="FILE",
                          help="write to FILE (mode 0600, never over an existing file)")
+    hash_command = commands.add_parser(
+        "hash-password", help="hash a password for --auth-file",
+        description="Read a password (twice, without echo, at a terminal; else one line of "
+                    "stdin) and print its scrypt hash, or USER:HASH, a line for --auth-file.")
+    hash_command.add_argument("user", nargs="?", metavar="USER",
+                              help="print USER:HASH rather than the hash alone")
     return parser
 
 
@@ -1172,6 +1573,44 @@ def _is_loopback(host):
         return host == "localhost"
 
 
+def read_password():
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Password again: ") != password:
+            raise ConfigError("the two passwords differ")
+    else:
+        line = sys.stdin.readline()
+        password = line[:-1] if line.endswith("\n") else line
+        password = password[:-1] if password.endswith("\r") else password
+    if not password:
+        raise ConfigError("the password is empty")
+    return password
+
+
+def print_password_hash(user):
+    if user is not None:
+        try:
+            check_user_name(user)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+    prefix = "" if user is None else user + ":"
+    print(prefix + hash_password(read_password(), os.urandom(16)))
+    return 0
+
+
+def startup_warnings(config):
+    """What an operator should hear about this configuration at start."""
+    warnings = []
+    if not _is_loopback(config.host):
+        if config.auth_file is None and config.tls_client_ca is None:
+            warnings.append("listening on %s: anyone who can reach it can mint a token for any "
+                            "subject" % config.host)
+        if config.auth_file is not None and config.tls_cert is None:
+            warnings.append("listening on %s over plain HTTP with --auth-file: passwords cross "
+                            "the network in clear; add --tls-cert and --tls-key" % config.host)
+    return warnings
+
+
 def configure_logging():
     if not log.handlers:
         handler = logging.StreamHandler(sys.stderr)
@@ -1184,7 +1623,7 @@ def configure_logging():
 def serve(config):
     configure_logging()
     try:
-        server = IssuerServer(config)
+        server = IssuerServer(config)  # ConfigError for the auth and TLS files
     except OSError as error:
         raise ConfigError("cannot listen on %s port %d: %s"
                           % (config.host, config.port, error.strerror or error)) from None
@@ -1203,13 +1642,14 @@ def serve(config):
     signal.signal(signal.SIGINT, stop)
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, lambda signum, frame: threading.Thread(
-            target=server.reload_keys, name="reload").start())
-    log.info("jwt_issuer %s: issuer %s, signing with kid %s, token lifetime %ds%s",
+            target=server.reload, name="reload").start())
+    log.info("jwt_issuer %s: issuer %s, signing with kid %s, token lifetime %ds%s%s%s",
              __version__, server.config.issuer, keys.kid, config.ttl,
-             ", audience " + ", ".join(config.audience) if config.audience else "")
-    if not _is_loopback(config.host):
-        log.warning("listening on %s: anyone who can reach it can mint a token for any subject",
-                    config.host)
+             ", audience " + ", ".join(config.audience) if config.audience else "",
+             ", %d users" % len(server.auth.users) if server.auth else "",
+             ", client certificates from " + config.tls_client_ca if config.tls_client_ca else "")
+    for warning in startup_warnings(config):
+        log.warning(warning)
     print("listening on " + server.url, file=sys.stderr, flush=True)
     server.serve_forever()
     if not server.drain(DRAIN_TIMEOUT_SECONDS):
@@ -1228,6 +1668,8 @@ def main(argv=None, environ=None):
             return write_jwk(private_jwk(ec.generate_private_key(P256)), args.output)
         if args.command == "pem2jwk":
             return write_jwk(pem_to_jwk(args.file), args.output)
+        if args.command == "hash-password":
+            return print_password_hash(args.user)
         return serve(Config.from_args(args, environ))
     except ConfigError as error:
         print("jwt_issuer: error: %s" % error, file=sys.stderr, flush=True)

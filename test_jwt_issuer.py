@@ -11,10 +11,13 @@ both are required, and a missing one fails the run instead of skipping.
 
 import base64
 import contextlib
+import datetime
+import hashlib
 import http.client
 import http.server
 import importlib.util
 import io
+import ipaddress
 import json
 import logging
 import os
@@ -23,6 +26,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import subprocess
 import sys
@@ -31,12 +35,15 @@ import tempfile
 import threading
 import time
 import unittest
+from dataclasses import replace
 
 import jwt  # PyJWT, the seed's verifier
 import requests  # the seed's snippet fetches the JWKS with it
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from joserfc import jwt as joserfc_jwt
@@ -258,7 +265,7 @@ class Process:
                 return match
 
     def started(self):
-        match = self.wait_for(r"listening on (http://[^\s]+)")
+        match = self.wait_for(r"listening on (https?://[^\s]+)")
         self.url = match.group(1)
         return self
 
@@ -279,12 +286,14 @@ class Process:
     def log(self):
         return "".join(self.lines)
 
+    verify = True  # for https: the CA file to trust
+
     def get(self, path, **kwargs):
-        return requests.get(self.url + path, timeout=10, **kwargs)
+        return requests.get(self.url + path, timeout=10, verify=self.verify, **kwargs)
 
     def token(self, name="vishpat"):
         response = requests.post(self.url + "/auth/token", data=json.dumps({"name": name}),
-                                 headers=JSON_HEADERS, timeout=10)
+                                 headers=JSON_HEADERS, timeout=10, verify=self.verify)
         assert response.status_code == 200, response.text
         return response.text
 
@@ -1302,7 +1311,7 @@ class ProcessTest(TempDirTestCase):
             (["pem2jwk", self.write("bad.pem", b"not a pem")], {},
              "%s: not a readable PEM private key" % os.path.join(self.dir, "bad.pem")),
             (["nonsense"], {}, "argument COMMAND: invalid choice: 'nonsense' "
-                               "(choose from 'genkey', 'pem2jwk')"),
+                               "(choose from 'genkey', 'pem2jwk', 'hash-password')"),
         ]
         for argv, environ, message in cases:
             with self.subTest(argv=argv, environ=environ):
@@ -1881,6 +1890,561 @@ class KeyFileWriteTest(TempDirTestCase):
         self.assertEqual(os.listdir(self.dir), [])
 
 
+# ---------------------------------------------------------------- authentication and HTTPS
+
+def make_certificate(common_name, issuer=None, *, ca=False, server=False, client=False):
+    """(key, certificate): a throwaway CA (issuer None), or a leaf it signs."""
+    key = new_key()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    signing_key, issuer_name = (key, name) if issuer is None else (issuer[0], issuer[1].subject)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer_name)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(hours=1))
+               .not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+               .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                              critical=False)
+               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                   signing_key.public_key()), critical=False))
+    if ca:
+        builder = builder.add_extension(x509.KeyUsage(
+            digital_signature=True, content_commitment=False, key_encipherment=False,
+            data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+            encipher_only=False, decipher_only=False), critical=True)
+    if server:
+        builder = builder.add_extension(x509.SubjectAlternativeName([
+            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False)
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH] * server + [ExtendedKeyUsageOID.CLIENT_AUTH] * client
+    if usages:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+    return key, builder.sign(signing_key, hashes.SHA256())
+
+
+class PKI:
+    """A CA, a server certificate for localhost and 127.0.0.1, and client
+    certificates on demand, as PEM files in a directory."""
+
+    def __init__(self, directory, name="test CA"):
+        self.directory = directory
+        self.ca = make_certificate(name, ca=True)
+        self.ca_path = self.save("ca-%s" % name.replace(" ", "-"), *self.ca)[0]
+        self.server_cert, self.server_key = self.issue("localhost", server=True)
+
+    def save(self, stem, key, certificate):
+        cert_path = os.path.join(self.directory, stem + ".crt")
+        key_path = os.path.join(self.directory, stem + ".key")
+        with open(cert_path, "wb") as f:
+            f.write(certificate.public_bytes(serialization.Encoding.PEM))
+        with open(key_path, "wb") as f:
+            f.write(pem(key))
+        os.chmod(key_path, 0o600)
+        return cert_path, key_path
+
+    def issue(self, common_name, **usage):
+        stem = "%s-%d" % (common_name, time.monotonic_ns())
+        return self.save(stem, *make_certificate(common_name, self.ca, **usage))
+
+    def client_context(self, certificate=None):
+        context = ssl.create_default_context(cafile=self.ca_path)
+        if certificate is not None:
+            context.load_cert_chain(*certificate)
+        return context
+
+
+def basic(user, password):
+    return "Basic " + base64.b64encode(("%s:%s" % (user, password)).encode()).decode()
+
+
+def https(server, pki, method, path, body=None, headers=None, certificate=None,
+          source="127.0.0.1"):
+    """One request over TLS, checked against the test CA: (status, headers, body)."""
+    connection = http.client.HTTPSConnection(
+        "127.0.0.1", server.server_address[1], timeout=10, source_address=(source, 0),
+        context=pki.client_context(certificate))
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, response.headers, response.read()
+    finally:
+        connection.close()
+
+
+class PasswordTest(TempDirTestCase):
+    def test_hash_password_is_scrypt_in_phc_form_and_verifies(self):
+        salt = os.urandom(16)
+        encoded = jwt_issuer.hash_password("correct horse", salt)
+        self.assertRegex(encoded,
+                         r"^\$scrypt\$ln=14,r=8,p=1\$[A-Za-z0-9+/]{22}\$[A-Za-z0-9+/]{43}$")
+        # the digest is scrypt's own, computed here independently
+        digest = hashlib.scrypt(b"correct horse", salt=salt, n=2 ** 14, r=8, p=1, dklen=32)
+        self.assertEqual(encoded.rsplit("$", 1)[1], base64.b64encode(digest).decode().rstrip("="))
+        parsed = jwt_issuer.PasswordHash.parse(encoded)
+        self.assertTrue(parsed.matches("correct horse"))
+        self.assertFalse(parsed.matches("correct horse "))
+        self.assertNotEqual(jwt_issuer.hash_password("correct horse", os.urandom(16)), encoded)
+
+    def test_pbkdf2_hashes_verify(self):
+        salt = os.urandom(16)
+        digest = hashlib.pbkdf2_hmac("sha256", "pässword".encode(), salt, 100000)
+        encoded = "$pbkdf2-sha256$i=100000$%s$%s" % tuple(
+            base64.b64encode(raw).decode().rstrip("=") for raw in (salt, digest))
+        parsed = jwt_issuer.PasswordHash.parse(encoded)
+        self.assertTrue(parsed.matches("pässword"))
+        self.assertFalse(parsed.matches("password"))
+
+    def test_malformed_and_weak_hashes_are_refused(self):
+        salt, digest = "A" * 22, "A" * 43
+        cases = [
+            ("plain", "not a $scheme$settings$salt$hash password hash"),
+            ("$scrypt$ln=14,r=8,p=1$%s" % salt, "not a $scheme$settings$salt$hash password hash"),
+            ("$md5$x$%s$%s" % (salt, digest), 'unknown password hash scheme "md5"'),
+            ("$scrypt$ln=14,r=8$%s$%s" % (salt, digest), "malformed scrypt settings, salt or hash"),
+            ("$scrypt$ln=14,r=8,p=1,x=1$%s$%s" % (salt, digest),
+             "malformed scrypt settings, salt or hash"),
+            ("$scrypt$ln=14,r=8,p=1$%s$%s" % ("!" * 22, digest),
+             "malformed scrypt settings, salt or hash"),
+            ("$scrypt$ln=14,r=8,p=1$AAAA$%s" % digest, "malformed scrypt settings, salt or hash"),
+            ("$scrypt$ln=10,r=8,p=1$%s$%s" % (salt, digest),
+             "scrypt settings out of range (ln 14-20, r 1-32, p 1-16)"),
+            ("$scrypt$ln=30,r=8,p=1$%s$%s" % (salt, digest),
+             "scrypt settings out of range (ln 14-20, r 1-32, p 1-16)"),
+            ("$pbkdf2-sha256$i=1000$%s$%s" % (salt, digest),
+             "pbkdf2-sha256 needs 100000 iterations or more"),
+            ("$pbkdf2-sha256$rounds=600000$%s$%s" % (salt, digest),
+             "malformed pbkdf2-sha256 settings, salt or hash"),
+        ]
+        for text, message in cases:
+            with self.subTest(text=text):
+                with self.assertRaises(ValueError) as caught:
+                    jwt_issuer.PasswordHash.parse(text)
+                self.assertEqual(str(caught.exception), message)
+
+    def test_auth_file(self):
+        alice = jwt_issuer.hash_password("a", os.urandom(16))
+        users = jwt_issuer.parse_auth_file("# the users\n\nalice:%s\n  # more\nbob:%s\n"
+                                           % (alice, alice))
+        self.assertEqual(sorted(users), ["alice", "bob"])
+        cases = [
+            ("alice:%s\nbob\n" % alice, "line 2: expected user:HASH"),
+            ("alice:%s\nalice:%s\n" % (alice, alice), 'line 2: user "alice" appears twice'),
+            ("\n:%s\n" % alice, "line 2: a user name must be 1-256 characters, with no colon "
+                                "or control character"),
+            ("al\x01ice:%s\n" % alice, "line 1: a user name must be 1-256 characters, with no "
+                                       "colon or control character"),
+            ("alice:secret\n", "line 1: not a $scheme$settings$salt$hash password hash"),
+        ]
+        for text, message in cases:
+            with self.subTest(message=message):
+                with self.assertRaises(ValueError) as caught:
+                    jwt_issuer.parse_auth_file(text)
+                self.assertEqual(str(caught.exception), message)
+        for content, message in [("# nobody\n", "has no users: no one could get a token"),
+                                 (b"\xff", "is not UTF-8")]:
+            path = self.write("users", content)
+            with self.assertRaises(ConfigError) as caught:
+                jwt_issuer.load_users(path)
+            self.assertEqual(str(caught.exception), "auth file %s %s" % (path, message))
+
+    def test_basic_credentials(self):
+        def encode(raw):
+            return "Basic " + base64.b64encode(raw).decode()
+
+        cases = [
+            (basic("alice", "pw"), ("alice", "pw")),
+            ("basic " + basic("alice", "pw")[6:], ("alice", "pw")),  # the scheme has no case
+            (basic("alice", "a:b:c"), ("alice", "a:b:c")),  # RFC 7617: the first colon splits
+            (basic("zoë", "pässword"), ("zoë", "pässword")),
+            (encode(b"alice:\xff"), None),  # not UTF-8
+            ("Basic !!!!", None),
+            ("Basic", None),
+            ("Bearer " + basic("alice", "pw")[6:], None),
+            (encode(b"alice"), None),  # no colon
+            (encode(b":pw"), None),  # no user
+            (None, None),
+        ]
+        for header, expected in cases:
+            with self.subTest(header=header):
+                self.assertEqual(jwt_issuer.basic_credentials(header), expected)
+
+    def test_failure_limiter(self):
+        limiter = jwt_issuer.FailureLimiter(allowed=3, refill_seconds=10)
+        for second in range(3):
+            self.assertEqual(limiter.retry_after("a", 100 + second), 0)
+            limiter.failed("a", 100 + second)
+        # 0.3 of a try left at 103: the next whole one comes at 110
+        self.assertEqual(limiter.retry_after("a", 103), 7)
+        self.assertEqual(limiter.retry_after("b", 103), 0)  # another address is not affected
+        self.assertEqual(limiter.retry_after("a", 112.5), 0)
+        self.assertEqual(limiter.retry_after("a", 130), 0)
+
+    def test_client_key(self):
+        self.assertEqual(jwt_issuer.client_key("192.0.2.7"), "192.0.2.7")
+        self.assertEqual(jwt_issuer.client_key("::ffff:192.0.2.7"), "192.0.2.7")
+        self.assertEqual(jwt_issuer.client_key("2001:db8:1:2:3:4:5:6"), "2001:db8:1:2::/64")
+        self.assertEqual(jwt_issuer.client_key("2001:db8:1:2:ffff::1"), "2001:db8:1:2::/64")
+
+    def test_startup_warnings(self):
+        open_wide = Config(host="0.0.0.0")
+        self.assertEqual(jwt_issuer.startup_warnings(open_wide), [
+            "listening on 0.0.0.0: anyone who can reach it can mint a token for any subject"])
+        self.assertEqual(jwt_issuer.startup_warnings(replace(open_wide, auth_file="u")), [
+            "listening on 0.0.0.0 over plain HTTP with --auth-file: passwords cross the "
+            "network in clear; add --tls-cert and --tls-key"])
+        self.assertEqual(jwt_issuer.startup_warnings(
+            replace(open_wide, auth_file="u", tls_cert="c", tls_key="k")), [])
+        self.assertEqual(jwt_issuer.startup_warnings(Config(auth_file="u")), [])
+        self.assertEqual(jwt_issuer.startup_warnings(Config(host="::1")), [])
+
+    def test_a_verified_password_is_cached_until_it_expires(self):
+        encoded = jwt_issuer.hash_password("pw", os.urandom(16))
+        auth = jwt_issuer.Authenticator({"alice": jwt_issuer.PasswordHash.parse(encoded)},
+                                        threading.BoundedSemaphore(2))
+
+        def timed(password, now):
+            started = time.perf_counter()
+            result = auth.check("alice", password, now)
+            return result, time.perf_counter() - started
+
+        first, slow = timed("pw", 1000)
+        second, fast = timed("pw", 1001)
+        self.assertEqual((first, second), (None, None))
+        self.assertGreater(slow, 0.005)
+        self.assertLess(fast, slow / 10)
+        self.assertEqual(timed("wrong", 1002)[0], 'wrong password for "alice"')  # never cached
+        self.assertEqual(timed("wrong", 1003)[0], 'wrong password for "alice"')
+        again, slow_again = timed("pw", 1000 + jwt_issuer.VERIFIED_CACHE_SECONDS + 1)
+        self.assertEqual(again, None)
+        self.assertGreater(slow_again, 0.005)
+
+
+class AuthServerTest(TempDirTestCase):
+    """HTTPS with --auth-file, over real TLS from a throwaway CA."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.class_dir = tempfile.mkdtemp(prefix="jwt-issuer-auth-")
+        cls.pki = PKI(cls.class_dir)
+        cls.users = os.path.join(cls.class_dir, "users")
+        with open(cls.users, "w") as f:
+            f.write("# test users\nalice:%s\nbob:%s\n" % (
+                jwt_issuer.hash_password("alice's password", os.urandom(16)),
+                jwt_issuer.hash_password("bob's password", os.urandom(16))))
+        os.chmod(cls.users, 0o600)
+        cls.key = new_key()
+        cls.context = serving(keyset_for(cls.key), auth_file=cls.users,
+                              tls_cert=cls.pki.server_cert, tls_key=cls.pki.server_key)
+        cls.server = cls.context.__enter__()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.context.__exit__(None, None, None)
+        shutil.rmtree(cls.class_dir, True)
+
+    def setUp(self):
+        super().setUp()
+        self.server.limiter = jwt_issuer.FailureLimiter()  # each test starts with a clean slate
+
+    def ask(self, authorization=None, body=None, source="127.0.0.1", headers=None):
+        headers = dict(JSON_HEADERS if body else {}, **(headers or {}))
+        if authorization is not None:
+            headers["Authorization"] = authorization
+        return https(self.server, self.pki, "POST", "/auth/token", body, headers, source=source)
+
+    def assert_401(self, response):
+        status, headers, body = response
+        self.assertEqual(status, 401, body)
+        self.assertEqual(headers["WWW-Authenticate"], 'Basic realm="jwt-issuer", charset="UTF-8"')
+        self.assertEqual(json.loads(body), {"error": "invalid_client",
+                                            "error_description": "missing or wrong credentials"})
+
+    def test_listening_and_issuer_are_https(self):
+        self.assertTrue(self.server.url.startswith("https://127.0.0.1:"))
+        status, _, body = https(self.server, self.pki, "GET", "/.well-known/openid-configuration")
+        self.assertEqual(json.loads(body)["issuer"],
+                         "https://localhost:%d" % self.server.server_address[1])
+
+    def test_the_user_is_the_subject(self):
+        jwks = json.loads(https(self.server, self.pki, "GET", "/auth/jwks")[2])
+        for body in (b'{"name": "alice"}', b"{}", None):
+            with self.subTest(body=body):
+                status, headers, token = self.ask(basic("alice", "alice's password"), body)
+                self.assertEqual(status, 200, token)
+                self.assertEqual(verify_with_pyjwt(token.decode(), jwks)["sub"], "alice")
+                verify_with_joserfc(token.decode(), jwks, sub="alice")
+
+    def test_a_name_that_is_not_the_user_is_403(self):
+        status, _, body = self.ask(basic("alice", "alice's password"), b'{"name": "bob"}')
+        self.assertEqual((status, json.loads(body)["error"]), (403, "access_denied"))
+
+    def test_wrong_password_and_unknown_user_answer_alike(self):
+        timings = {}
+        for what, authorization in (("wrong password", basic("alice", "guess")),
+                                    ("unknown user", basic("mallory", "guess"))):
+            durations = []
+            for _ in range(3):
+                started = time.perf_counter()
+                self.assert_401(self.ask(authorization))
+                durations.append(time.perf_counter() - started)
+            timings[what] = sorted(durations)[1]
+        # both paid one slow hash: neither is fast, and they are within a factor of two
+        self.assertGreater(min(timings.values()), 0.005)
+        self.assertLess(max(timings.values()) / min(timings.values()), 2, timings)
+
+    def test_missing_or_malformed_credentials(self):
+        for authorization in (None, "Basic", "Basic !!", "Bearer abc", basic("", "x")):
+            with self.subTest(authorization=authorization):
+                self.assert_401(self.ask(authorization))
+
+    def test_repeated_failures_are_refused_per_address_for_a_while(self):
+        self.server.limiter = jwt_issuer.FailureLimiter(allowed=3, refill_seconds=1)
+        for _ in range(3):
+            self.assert_401(self.ask(basic("alice", "guess")))
+        for authorization in (basic("alice", "guess"), basic("alice", "alice's password")):
+            status, headers, body = self.ask(authorization)
+            self.assertEqual((status, headers["Retry-After"]), (429, "1"), body)
+            self.assertEqual(json.loads(body)["error"], "slow_down")
+        # the real user, from another address, is not locked out
+        status, _, _ = self.ask(basic("alice", "alice's password"), source="127.0.0.2")
+        self.assertEqual(status, 200)
+        time.sleep(1.1)  # and this address may try again a refill later
+        self.assertEqual(self.ask(basic("alice", "alice's password"))[0], 200)
+
+    def test_the_public_endpoints_need_nothing(self):
+        for path in ("/auth/jwks", "/.well-known/jwks.json", "/.well-known/openid-configuration",
+                     "/healthz"):
+            with self.subTest(path=path):
+                self.assertEqual(https(self.server, self.pki, "GET", path)[0], 200)
+
+    def test_curl(self):
+        curl = shutil.which("curl")
+        if curl is None:
+            self.skipTest("curl is not installed")  # .ci/run uses curl itself, so CI has it
+        url = "https://localhost:%d" % self.server.server_address[1]
+        result = subprocess.run(
+            [curl, "-sS", "--fail-with-body", "--cacert", self.pki.ca_path, "-u",
+             "bob:bob's password", "-X", "POST", url + "/auth/token"],
+            capture_output=True, timeout=30)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        jwks = json.loads(https(self.server, self.pki, "GET", "/auth/jwks")[2])
+        self.assertEqual(verify_with_pyjwt(result.stdout.decode(), jwks)["sub"], "bob")
+        wrong = subprocess.run([curl, "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                                "--cacert", self.pki.ca_path, "-u", "bob:nope", "-X", "POST",
+                                url + "/auth/token"], capture_output=True, timeout=30)
+        self.assertEqual(wrong.stdout, b"401")
+
+    def test_tls_below_1_2_is_refused(self):
+        context = self.pki.client_context()
+        try:
+            context.minimum_version = ssl.TLSVersion.TLSv1
+            context.maximum_version = ssl.TLSVersion.TLSv1_1
+        except (ValueError, ssl.SSLError):
+            self.skipTest("this OpenSSL cannot even offer TLS 1.1")
+        with self.assertRaises((ssl.SSLError, ConnectionError)):
+            with socket.create_connection(self.server.server_address[:2], timeout=5) as sock:
+                with context.wrap_socket(sock, server_hostname="localhost"):
+                    pass
+
+    def test_plain_http_to_the_tls_port_gets_no_token(self):
+        request_bytes = post(b"{}", extra=b"Authorization: " + basic(
+            "alice", "alice's password").encode() + b"\r\n")
+        try:
+            self.assertEqual(exchange(self.server, request_bytes), [])
+        except ConnectionResetError:
+            pass  # the failed handshake may end it with a reset instead
+
+
+class ClientCertificateTest(TempDirTestCase):
+    """--tls-client-ca: mTLS for the token endpoint, alone and with --auth-file."""
+
+    def setUp(self):
+        super().setUp()
+        self.pki = PKI(self.dir)
+        self.stranger = PKI(self.dir, "another CA")
+        self.carol = self.pki.issue("carol", client=True)
+
+    def serve(self, **settings):
+        context = serving(keyset_for(new_key()), tls_cert=self.pki.server_cert,
+                          tls_key=self.pki.server_key, tls_client_ca=self.pki.ca_path, **settings)
+        server = context.__enter__()
+        self.addCleanup(context.__exit__, None, None, None)
+        return server
+
+    def test_the_certificate_common_name_is_the_subject(self):
+        server = self.serve()
+        jwks = json.loads(https(server, self.pki, "GET", "/auth/jwks")[2])  # no certificate
+        status, _, token = https(server, self.pki, "POST", "/auth/token", BODY.replace(
+            b"vishpat", b"carol"), JSON_HEADERS, certificate=self.carol)
+        self.assertEqual(status, 200, token)
+        self.assertEqual(verify_with_pyjwt(token.decode(), jwks)["sub"], "carol")
+        status, _, token = https(server, self.pki, "POST", "/auth/token", b"", {},
+                                 certificate=self.carol)
+        self.assertEqual(verify_with_pyjwt(token.decode(), jwks)["sub"], "carol")
+        status, _, body = https(server, self.pki, "POST", "/auth/token", BODY, JSON_HEADERS,
+                                certificate=self.carol)
+        self.assertEqual(status, 403, body)
+        status, _, body = https(server, self.pki, "POST", "/auth/token", BODY, JSON_HEADERS)
+        self.assertEqual((status, json.loads(body)["error_description"]),
+                         (401, "a client certificate is required"))
+
+    def test_a_certificate_from_another_ca_fails_the_handshake(self):
+        server = self.serve()
+        outsider = self.stranger.issue("carol", client=True)
+        with self.assertLogs("jwt_issuer", "INFO") as logs:
+            with self.assertRaises((ssl.SSLError, ConnectionError)):
+                https(server, self.pki, "POST", "/auth/token", BODY, JSON_HEADERS,
+                      certificate=outsider)
+            eventually(lambda: any("TLS handshake with 127.0.0.1 failed" in r.getMessage()
+                                   for r in logs.records))
+
+    def test_with_basic_auth_too_both_are_needed_and_the_user_is_the_subject(self):
+        users = self.write("users", "dave:%s\n" % jwt_issuer.hash_password("pw", os.urandom(16)))
+        server = self.serve(auth_file=users)
+        status, _, token = https(server, self.pki, "POST", "/auth/token", None,
+                                 {"Authorization": basic("dave", "pw")}, certificate=self.carol)
+        self.assertEqual((status, segments(token.decode())[1]["sub"]), (200, "dave"))
+        status, _, _ = https(server, self.pki, "POST", "/auth/token", None,
+                             {"Authorization": basic("dave", "pw")})
+        self.assertEqual(status, 401)
+        status, headers, _ = https(server, self.pki, "POST", "/auth/token", None, {},
+                                   certificate=self.carol)
+        self.assertEqual((status, headers["WWW-Authenticate"][:5]), (401, "Basic"))
+
+
+class AuthProcessTest(TempDirTestCase):
+    def test_hash_password_from_stdin(self):
+        result = run_command("hash-password", input=b"s3cret\n")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertTrue(jwt_issuer.PasswordHash.parse(result.stdout.decode().strip())
+                        .matches("s3cret"))
+        result = run_command("hash-password", "alice", input=b"s3cret\r\n")
+        user, _, encoded = result.stdout.decode().strip().partition(":")
+        self.assertEqual(user, "alice")
+        self.assertTrue(jwt_issuer.PasswordHash.parse(encoded).matches("s3cret"))
+        for args, stdin, message in ((["hash-password"], b"\n", "the password is empty"),
+                                     (["hash-password", "a:b"], b"x\n", "a user name must be")):
+            result = run_command(*args, input=stdin)
+            self.assertEqual(result.returncode, 2)
+            self.assertTrue(result.stderr.decode().startswith("jwt_issuer: error: " + message))
+
+    def run_at_a_terminal(self, *answers):
+        """hash-password on a pseudo-terminal, answering its prompts."""
+        import pty
+        pid, fd = pty.fork()
+        if pid == 0:  # the child: the command, on the terminal
+            os.execv(sys.executable, [sys.executable, MODULE, "hash-password"])
+        output = b""
+        try:
+            for number, answer in enumerate(answers, 1):
+                # getpass flushes what was typed before its prompt: wait for each one
+                while output.count(b"Password") < number or not output.rstrip().endswith(b":"):
+                    output += os.read(fd, 1024)
+                os.write(fd, answer + b"\n")
+            while True:
+                try:
+                    chunk = os.read(fd, 1024)
+                except OSError:  # EIO: the child is gone
+                    break
+                if not chunk:
+                    break
+                output += chunk
+        finally:
+            status = os.waitpid(pid, 0)[1]
+            os.close(fd)
+        return os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") \
+            else status >> 8, output.decode()
+
+    def test_hash_password_at_a_terminal_asks_twice_without_echo(self):
+        code, output = self.run_at_a_terminal(b"hunter2", b"hunter2")
+        self.assertEqual(code, 0, output)
+        self.assertNotIn("hunter2", output)  # not echoed
+        self.assertEqual(output.count("Password"), 2)
+        encoded = output.strip().splitlines()[-1].strip()
+        self.assertTrue(jwt_issuer.PasswordHash.parse(encoded).matches("hunter2"))
+        code, output = self.run_at_a_terminal(b"hunter2", b"hunter3")
+        self.assertEqual(code, 2)
+        self.assertIn("jwt_issuer: error: the two passwords differ", output)
+
+    def test_startup_errors(self):
+        pki = PKI(self.dir)
+        good_users = self.write("users", "alice:%s\n"
+                                % jwt_issuer.hash_password("pw", os.urandom(16)))
+        bad_users = self.write("bad-users", "# users\nalice\n")
+        cases = [
+            (["--auth-file", bad_users], "auth file %s line 2: expected user:HASH" % bad_users),
+            (["--auth-file", self.dir + "/none"],
+             "cannot read auth file %s/none: No such file or directory" % self.dir),
+            (["--tls-cert", pki.server_cert], "--tls-cert and --tls-key go together"),
+            (["--tls-client-ca", pki.ca_path], "--tls-client-ca needs --tls-cert and --tls-key"),
+            (["--tls-cert", good_users, "--tls-key", pki.server_key],
+             "cannot load the TLS certificate %s and key %s: " % (good_users, pki.server_key)),
+            (["--tls-cert", pki.server_cert, "--tls-key", pki.server_key, "--tls-client-ca",
+              good_users], "cannot load the client CA %s: " % good_users),
+            (["--auth-file", ""], "--auth-file must name a file"),
+        ]
+        for argv, message in cases:
+            with self.subTest(argv=argv):
+                result = run_command("--port", "0", "--key", self.key_file(), *argv,
+                                     cwd=self.dir)
+                stderr = result.stderr.decode()
+                self.assertEqual(result.returncode, 2, stderr)
+                self.assertEqual(len(stderr.splitlines()), 1, stderr)
+                self.assertTrue(stderr.startswith("jwt_issuer: error: " + message), stderr)
+
+    def test_sighup_reloads_users_and_certificate(self):
+        pki = PKI(self.dir)
+        users = self.write("users", "".join("%s:%s\n" % (user, jwt_issuer.hash_password(
+            user + "-pw", os.urandom(16))) for user in ("alice", "bob")))
+        cert, key = self.dir + "/server.crt", self.dir + "/server.key"
+        shutil.copy(pki.server_cert, cert)
+        shutil.copy(pki.server_key, key)
+        process = self.start("--key", self.key_file(), "--auth-file", users, "--tls-cert", cert,
+                             "--tls-key", key)
+        self.assertTrue(process.url.startswith("https://127.0.0.1:"))
+        port = int(process.url.rsplit(":", 1)[1])
+
+        def token_status(user):
+            connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=10,
+                                                     context=pki.client_context())
+            connection.request("POST", "/auth/token", b"", {"Authorization": basic(
+                user, user + "-pw")})
+            status = connection.getresponse().status
+            serial = x509.load_der_x509_certificate(connection.sock.getpeercert(True)).serial_number
+            connection.close()
+            return status, serial
+
+        first_serial = token_status("alice")[1]
+        self.assertEqual(token_status("bob")[0], 200)  # bob is verified, and cached
+        # bob leaves the file; a renewed certificate arrives
+        with open(users) as f:
+            kept = [line for line in f if not line.startswith("bob:")]
+        self.write("users.new", "".join(kept))
+        os.replace(self.dir + "/users.new", users)
+        renewed_cert, renewed_key = pki.issue("localhost", server=True)
+        shutil.copy(renewed_cert, cert)
+        shutil.copy(renewed_key, key)
+        process.proc.send_signal(signal.SIGHUP)
+        process.wait_for("reloaded the TLS certificate")
+        self.assertIn("reloaded 1 users from %s" % users, process.log)
+        self.assertEqual(token_status("bob")[0], 401)  # the cache went with the reload
+        status, serial = token_status("alice")
+        self.assertEqual(status, 200)
+        self.assertNotEqual(serial, first_serial)
+        # bad files on reload keep what is in use
+        self.write("users.bad", "alice\n")
+        os.replace(self.dir + "/users.bad", users)
+        with open(cert, "w") as f:
+            f.write("not a certificate")
+        process.proc.send_signal(signal.SIGHUP)
+        process.wait_for("TLS reload failed, keeping the certificate in use")
+        self.assertIn("auth file reload failed, keeping 1 users: auth file %s line 1: expected "
+                      "user:HASH" % users, process.log)
+        self.assertEqual(token_status("alice"), (200, serial))
+        self.assertEqual(process.stop(), 0)
+        self.assertNotIn("alice-pw", process.log)
+
+
 # ---------------------------------------------------------------- Vault / OpenBao, for real
 
 VISHPAT_POLICY = '''
@@ -2190,6 +2754,24 @@ class VaultTest(TempDirTestCase):
         self.api("POST", "auth/jwt-rotation/config", {"jwks_url": jwks_url}, expect=204)
         self.assert_refused("jwt-rotation", old_token, "failed to verify id token signature")
         self.assert_logs_in("jwt-rotation", new_token)
+
+    def test_jwks_url_over_https_with_jwks_ca_pem(self):
+        pki = PKI(self.dir)
+        issuer = self.start("--key", self.key_file(), "--tls-cert", pki.server_cert,
+                            "--tls-key", pki.server_key)
+        issuer.verify = pki.ca_path
+        self.assertTrue(issuer.url.startswith("https://"))
+        with open(pki.ca_path) as f:
+            ca_pem = f.read()
+        # without the CA, OpenBao cannot trust the certificate
+        self.api("POST", "sys/auth/jwt-https", {"type": "jwt"}, expect=204)
+        status, body = self.api("POST", "auth/jwt-https/config",
+                                {"jwks_url": issuer.url + "/auth/jwks"})
+        self.assertEqual(status, 400, body)
+        self.api("POST", "auth/jwt-https/config", {"jwks_url": issuer.url + "/auth/jwks",
+                                                   "jwks_ca_pem": ca_pem}, expect=204)
+        self.role("jwt-https", "jwt_vishpat")
+        self.assert_logs_in("jwt-https", issuer.token())
 
     def test_a_short_coordinate_breaks_every_login(self):
         # Why public_jwk() writes 32-byte coordinates: the same key, published
