@@ -819,6 +819,8 @@ ALLOWED_METHODS = _allowed_methods(ROUTES)  # for the Allow header of a 405
 def client_key(address):
     """What failed logins are counted by: the address, or an IPv6 address's /64,
     which one client can otherwise walk through."""
+    if ":" not in address:
+        return address  # IPv4, already in the one form the socket gives
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
@@ -883,7 +885,7 @@ class Authenticator:
         """None when the credentials are good, else why not (for the log)."""
         user_bytes = user.encode("utf-8")  # length-prefixed: user and password cannot blur
         credentials = b"%d:%s%s" % (len(user_bytes), user_bytes, password.encode("utf-8"))
-        cache_key = hmac.new(self._cache_key, credentials, "sha256").digest()
+        cache_key = hmac.digest(self._cache_key, credentials, "sha256")
         cached = self._verified.get(cache_key)
         if cached is not None and cached[1] > now:
             return None

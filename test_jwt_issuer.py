@@ -2392,6 +2392,24 @@ class AuthProcessTest(TempDirTestCase):
                 self.assertEqual(len(stderr.splitlines()), 1, stderr)
                 self.assertTrue(stderr.startswith("jwt_issuer: error: " + message), stderr)
 
+    def test_the_readme_certificate_recipe(self):
+        with open(os.path.join(HERE, "README.md")) as f:
+            readme = f.read()
+        block = readme.split("<!-- certificates:", 1)[1].split("```sh\n", 1)[1].split("```")[0]
+        openssl = shutil.which("openssl")
+        if openssl is None:
+            self.fail("openssl is needed for this test (the README's recipe uses it)")
+        for line in block.strip().splitlines():
+            subprocess.run(line, shell=True, cwd=self.dir, check=True, capture_output=True)
+        users = self.write("users", "alice:%s\n" % jwt_issuer.hash_password("pw", os.urandom(16)))
+        process = self.start("--key", self.key_file(), "--auth-file", users, "--tls-cert",
+                             self.dir + "/server.crt", "--tls-key", self.dir + "/server.key")
+        url = process.url.replace("127.0.0.1", "localhost")
+        response = requests.post(url + "/auth/token", auth=("alice", "pw"),
+                                 verify=self.dir + "/ca.crt", timeout=10)
+        self.assertEqual(response.status_code, 200, response.text)
+        self.assertEqual(segments(response.text)[1]["iss"], url)
+
     def test_sighup_reloads_users_and_certificate(self):
         pki = PKI(self.dir)
         users = self.write("users", "".join("%s:%s\n" % (user, jwt_issuer.hash_password(
