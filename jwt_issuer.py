@@ -1060,6 +1060,18 @@ class RequestReader:
             pass
         return self._take(size)
 
+    def whole_head(self):
+        """The head's lines as text, if all of it is in already and every line
+        ends in CRLF (the usual case, taken whole); else None, and nothing read."""
+        end = self._buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return None
+        head = bytes(self._buffer[:end])
+        if head.count(b"\n") != head.count(b"\r\n"):  # a bare LF: line by line, then
+            return None
+        del self._buffer[:end + 4]
+        return head.decode("iso-8859-1").split("\r\n")
+
     def close(self):
         self._raw.close()
 
@@ -1181,11 +1193,20 @@ class RequestHandler(BaseHTTPRequestHandler):
         stdlib's email-based parser ends the header section at a malformed
         field line instead, and a Content-Length after it goes unseen: the body
         would then be read as the next request."""
-        line = self._read_line(MAX_REQUEST_LINE_BYTES, 414, "request line is longer than %d "
-                               "bytes" % MAX_REQUEST_LINE_BYTES)
-        if not line:  # RFC 9112 §2.2: an empty line before the request line is ignored
-            line = self._read_line(MAX_REQUEST_LINE_BYTES, 414, "request line is too long")
-        self.requestline = line.decode("iso-8859-1")
+        lines = self.rfile.whole_head()  # usually all there: taken whole
+        line_by_line = lines is None  # else the request line is judged before the rest is read
+        if line_by_line:
+            lines = [self._read_line(MAX_REQUEST_LINE_BYTES, 414, "request line is longer "
+                                     "than %d bytes" % MAX_REQUEST_LINE_BYTES)]
+        if not lines[0]:  # RFC 9112 §2.2: an empty line before the request line is ignored
+            lines = lines[1:] or [self._read_line(MAX_REQUEST_LINE_BYTES, 414, "request line "
+                                                  "is longer than %d bytes"
+                                                  % MAX_REQUEST_LINE_BYTES)]
+        self.requestline = lines[0] = (lines[0].decode("iso-8859-1")
+                                       if isinstance(lines[0], bytes) else lines[0])
+        if len(self.requestline) > MAX_REQUEST_LINE_BYTES:
+            raise self._framing_error(414, "request line is longer than %d bytes"
+                                      % MAX_REQUEST_LINE_BYTES)
         parts = self.requestline.split(" ")
         if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or not parts[1]:
             raise self._framing_error(400, "malformed request line")
@@ -1196,16 +1217,23 @@ class RequestHandler(BaseHTTPRequestHandler):
         if version.group(1) != "1":
             raise self._framing_error(505, "only HTTP/1.0 and HTTP/1.1 are served")
         self.close_connection = version.group(2) == "0"
+        if line_by_line:
+            while lines[-1] or len(lines) == 1:
+                if len(lines) > MAX_FIELDS + 1:
+                    raise self._framing_error(431, "more than %d header fields" % MAX_FIELDS)
+                lines.append(self._read_line(MAX_FIELD_LINE_BYTES, 431, "a header field line "
+                                             "is over %d bytes" % MAX_FIELD_LINE_BYTES)
+                             .decode("iso-8859-1"))
+            lines.pop()  # the empty line that ends the head
 
+        if len(lines) > MAX_FIELDS + 1:
+            raise self._framing_error(431, "more than %d header fields" % MAX_FIELDS)
         fields = []
-        while True:
-            line = self._read_line(MAX_FIELD_LINE_BYTES, 431, "a header field line is over "
-                                   "%d bytes" % MAX_FIELD_LINE_BYTES)
-            if not line:
-                break
-            if len(fields) == MAX_FIELDS:
-                raise self._framing_error(431, "more than %d header fields" % MAX_FIELDS)
-            name, colon, value = line.decode("iso-8859-1").partition(":")
+        for line in lines[1:]:
+            if len(line) > MAX_FIELD_LINE_BYTES:
+                raise self._framing_error(431, "a header field line is over %d bytes"
+                                          % MAX_FIELD_LINE_BYTES)
+            name, colon, value = line.partition(":")
             # RFC 9112 §5.1: no whitespace before the colon (a 400, MUST); §5.2:
             # no obs-fold (a line starting with whitespace fails the same test).
             if not colon or not _TOKEN.fullmatch(name) or _NOT_IN_FIELD_VALUE.search(value):
@@ -1656,10 +1684,29 @@ def startup_warnings(config):
     return warnings
 
 
+class LogFormatter(logging.Formatter):
+    """TIME LEVEL MESSAGE, the time formatted once a second, not per line."""
+
+    def __init__(self):
+        super().__init__("%(asctime)s %(levelname)s %(message)s")
+        self._second, self._text = None, ""
+
+    def formatTime(self, record, datefmt=None):
+        second = int(record.created)
+        if second != self._second:  # two threads may both format it: the same text
+            self._second, self._text = second, time.strftime("%Y-%m-%d %H:%M:%S",
+                                                             time.localtime(second))
+        return "%s,%03d" % (self._text, record.msecs)
+
+
 def configure_logging():
     if not log.handlers:
+        # Two lines per token: spare each the work the logging HOWTO lists as
+        # optional (its "Optimization" section): caller, thread, process names.
+        logging._srcfile = None
+        logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler.setFormatter(LogFormatter())
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
