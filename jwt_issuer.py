@@ -29,9 +29,11 @@ import argparse
 import base64
 import binascii
 import email.utils
+import functools
 import getpass
 import hashlib
 import hmac
+import io
 import ipaddress
 import itertools
 import json
@@ -42,6 +44,7 @@ import re
 import secrets
 import signal
 import socket
+import struct
 import socketserver
 import ssl
 import sys
@@ -794,6 +797,10 @@ NO_STORE = (("Cache-Control", "no-store"), ("Pragma", "no-cache"))  # RFC 6749 Â
 REVALIDATE = (("Cache-Control", "no-cache"),)  # keys may rotate at any SIGHUP
 
 
+WRITTEN_WITH_THE_NEXT_LINE = {"flush": False}  # the audit line waits for the access line
+_quoted = json.encoder.encode_basestring_ascii  # "...", escaped: one safe token in a log line
+
+
 def _media_type(value):
     return value.partition(";")[0].strip().lower()
 
@@ -816,8 +823,8 @@ def issue_token(request):
     claims = make_claims(sub, issuer=config.issuer, audience=config.audience, ttl=config.ttl,
                          now=int(time.time()), jti=server.token_ids())
     token = keys.sign(claims)
-    log.info("issued sub=%s kid=%s jti=%s exp=%d",
-             json.dumps(sub), keys.kid, claims["jti"], claims["exp"])
+    log.info("issued sub=%s kid=%s jti=%s exp=%d", _quoted(sub), keys.kid, claims["jti"],
+             claims["exp"], extra=WRITTEN_WITH_THE_NEXT_LINE)
     if any(_media_type(accepted) == JSON_TYPE
            for accepted in request.headers.get("Accept", "").split(",")):
         body = {"access_token": token, "token_type": "Bearer", "expires_in": config.ttl}
@@ -998,6 +1005,44 @@ def request_path(target):
     return target
 
 
+# Errors that mean the client went away or stalled: the connection just ends.
+CLIENT_GONE = (ConnectionError, socket.timeout, BlockingIOError)
+
+
+class SocketTimeouts:
+    """A connection's read and write timeouts. On a plain TCP socket they are
+    the kernel's (SO_RCVTIMEO, SO_SNDTIMEO) on a blocking socket: with
+    Python's own, every recv() and send() is preceded by a poll(), two more
+    system calls per request. A TLS socket keeps Python's. Set only when
+    they change: each change is a system call too."""
+
+    def __init__(self, connection, seconds):
+        self._connection = connection
+        self._in_kernel = (not isinstance(connection, ssl.SSLSocket)
+                           and hasattr(socket, "SO_RCVTIMEO") and sys.platform != "win32"
+                           and hasattr(connection, "setblocking"))
+        self._reading = None
+        if self._in_kernel:
+            connection.setblocking(True)
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self._timeval(seconds))
+        self.set_read(seconds)
+
+    @staticmethod
+    def _timeval(seconds):
+        whole = int(seconds)
+        return struct.pack("ll", whole, int((seconds - whole) * 1e6))
+
+    def set_read(self, seconds):
+        if seconds == self._reading:
+            return
+        self._reading = seconds
+        if self._in_kernel:
+            self._connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                                        self._timeval(max(seconds, 0.001)))
+        else:
+            self._connection.settimeout(seconds)
+
+
 class RequestReader:
     """A connection's input, read against two clocks: a connection may wait
     idle_timeout for a request; once the request's first byte is in, all of
@@ -1005,8 +1050,8 @@ class RequestReader:
     sends half a request and stalls, or drips it a byte at a time, is dropped
     in seconds (socket.timeout), whatever each single read does."""
 
-    def __init__(self, connection, raw):
-        self._connection = connection
+    def __init__(self, timeouts, raw):
+        self._timeouts = timeouts
         self._raw = raw  # unbuffered: every read() is one recv()
         self._buffer = bytearray()
         self._deadline = None
@@ -1014,24 +1059,26 @@ class RequestReader:
     def wait_for_request(self, idle_timeout, request_timeout):
         """False at the end of the input; else the request clock runs."""
         self._deadline = None
-        self._connection.settimeout(idle_timeout)
+        self._timeouts.set_read(idle_timeout)
         if not self._buffer and not self._fill():
             return False
         self._deadline = time.monotonic() + request_timeout
         return True
 
     def end_request(self, timeout):
-        """The request is read: back to one timeout per read and write."""
+        """The request is read: back to one timeout per read."""
         self._deadline = None
-        self._connection.settimeout(timeout)
+        self._timeouts.set_read(timeout)
 
     def _fill(self):
         if self._deadline is not None:
             remaining = self._deadline - time.monotonic()
             if remaining <= 0:
                 raise socket.timeout("request not complete in time")
-            self._connection.settimeout(remaining)
+            self._timeouts.set_read(remaining)
         data = self._raw.read(READ_CHUNK_BYTES)
+        if data is None:  # EAGAIN: the kernel's read timeout ran out
+            raise socket.timeout("read timed out")
         if not data:
             return False
         self._buffer += data
@@ -1099,11 +1146,24 @@ class HeaderFields:
         return list(self._fields)
 
 
+@functools.lru_cache(maxsize=256)
+def _head_template(status, content_type, headers, connection):
+    """A response head with %s for the Date and %d for the Content-Length:
+    the rest of it is the same for every answer of this kind."""
+    lines = ["HTTP/1.1 %d %s" % (status, REASONS[status]), "Date: %s",
+             "Content-Type: " + content_type.replace("%", "%%"), "Content-Length: %d",
+             "X-Content-Type-Options: nosniff"]
+    lines.extend(("%s: %s" % header).replace("%", "%%") for header in headers)
+    if connection is not None:
+        lines.append("Connection: " + connection)
+    return "\r\n".join(lines) + "\r\n\r\n"
+
+
 class RequestHandler(BaseHTTPRequestHandler):
     """One connection: HTTP/1.1 keep-alive, each answer written in one send."""
 
     protocol_version = "HTTP/1.1"
-    timeout = IDLE_TIMEOUT_SECONDS
+    timeout = None  # SocketTimeouts sets them
     disable_nagle_algorithm = True
     rbufsize = 0  # RequestReader does the buffering
     body = b""
@@ -1111,7 +1171,8 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def setup(self):
         super().setup()
-        self.rfile = RequestReader(self.connection, self.rfile)
+        timeouts = SocketTimeouts(self.connection, self.server.idle_timeout)
+        self.rfile = RequestReader(timeouts, self.rfile)
         self.idle = True
         self.idle_since = time.monotonic()
         self.linger = False  # unread input is left: drain it before closing
@@ -1168,7 +1229,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             self._send(*endpoint(self))
         except HTTPError as error:
             self._send_error(error)
-        except (ConnectionError, socket.timeout):
+        except CLIENT_GONE:
             raise
         except Exception:
             log.exception("internal error answering %s", self._logged_requestline())
@@ -1298,17 +1359,10 @@ class RequestHandler(BaseHTTPRequestHandler):
         """The one place an answer is written: head and body in one send."""
         if self.server.stopping:
             self.close_connection = True
-        lines = ["HTTP/1.1 %d %s" % (status, REASONS[status]),
-                 "Date: " + http_date(time.time()),
-                 "Content-Type: " + content_type,
-                 "Content-Length: %d" % len(body),
-                 "X-Content-Type-Options: nosniff"]
-        lines.extend("%s: %s" % header for header in headers)
-        if self.close_connection:
-            lines.append("Connection: close")
-        elif self.request_version == "HTTP/1.0":
-            lines.append("Connection: keep-alive")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        connection = ("close" if self.close_connection else
+                      "keep-alive" if self.request_version == "HTTP/1.0" else None)
+        head = (_head_template(status, content_type, headers, connection)
+                % (http_date(time.time()), len(body))).encode("latin-1")
         log.info('%s "%s" %d %d %.1fms', self.client_address[0], self._logged_requestline(),
                  status, len(body), (time.perf_counter() - self.started) * 1000)
         self.wfile.write(head if self.command == "HEAD" else head + body)
@@ -1539,7 +1593,7 @@ class IssuerServer(ThreadingHTTPServer):
 
     def handle_error(self, request, client_address):
         error = sys.exc_info()[1]
-        if isinstance(error, (ConnectionError, socket.timeout)):
+        if isinstance(error, CLIENT_GONE):
             return  # a client that hangs up or stalls is not an error
         log.exception("error on a connection from %s", client_address[0])
 
@@ -1699,13 +1753,32 @@ class LogFormatter(logging.Formatter):
         return "%s,%03d" % (self._text, record.msecs)
 
 
+class LogHandler(logging.StreamHandler):
+    """Lines to stderr, each written at once, but for a line logged with
+    extra=WRITTEN_WITH_THE_NEXT_LINE: a token's audit line goes out with its
+    access line, in one write() instead of two."""
+
+    def __init__(self):
+        # stderr is line-buffered, a write() per line: a buffer of our own on fd 2
+        super().__init__(io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8",
+                                          errors="backslashreplace"))
+
+    def emit(self, record):
+        try:
+            self.stream.write(self.format(record) + self.terminator)
+            if getattr(record, "flush", True):
+                self.stream.flush()
+        except Exception:
+            self.handleError(record)
+
+
 def configure_logging():
     if not log.handlers:
         # Two lines per token: spare each the work the logging HOWTO lists as
         # optional (its "Optimization" section): caller, thread, process names.
         logging._srcfile = None
         logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-        handler = logging.StreamHandler(sys.stderr)
+        handler = LogHandler()
         handler.setFormatter(LogFormatter())
         log.addHandler(handler)
         log.setLevel(logging.INFO)

@@ -241,7 +241,8 @@ class Process:
             env=dict(os.environ if env is None else env))
         self.lines = []
         self._queue = queue.Queue()
-        threading.Thread(target=self._collect, daemon=True).start()
+        self._collector = threading.Thread(target=self._collect, daemon=True)
+        self._collector.start()
 
     def _collect(self):
         with self.proc.stderr:
@@ -275,6 +276,7 @@ class Process:
             return self.proc.wait(10)
         finally:
             self.proc.stdout.close()
+            self._collector.join(10)  # every line it wrote is in self.lines
 
     def kill(self):
         if self.proc.poll() is None:
