@@ -30,9 +30,6 @@ import base64
 import binascii
 import email.utils
 import functools
-import getpass
-import hashlib
-import hmac
 import io
 import ipaddress
 import itertools
@@ -41,14 +38,12 @@ import logging
 import math
 import os
 import re
-import secrets
 import signal
 import socket
 import struct
 import socketserver
 import ssl
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -57,9 +52,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+# Imported where they are used, as a server that does not use them never
+# loads them (5 MB and 15 ms of start-up together): getpass (hash-password),
+# hashlib and hmac (--auth-file; the stdlib's second OpenSSL), tempfile
+# (writing key files), cryptography's serialization (PEM keys).
 
 log = logging.getLogger("jwt_issuer")
 
@@ -201,7 +201,9 @@ def thumbprint(jwk):
     """RFC 7638 §3.2: SHA-256 of the required members (for EC: crv, kty, x,
     y) in lexicographic order, no whitespace, base64url."""
     required = {"crv": jwk["crv"], "kty": jwk["kty"], "x": jwk["x"], "y": jwk["y"]}
-    return b64url_encode(hashlib.sha256(json_bytes(required)).digest())
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(json_bytes(required))
+    return b64url_encode(digest.finalize())
 
 
 def public_jwk(public_key, kid=None):
@@ -272,6 +274,7 @@ def parse_pem_private_key(data):
     """An EC P-256 private key from PEM (SEC1 or PKCS#8, unencrypted)."""
     if b"PUBLIC KEY-----" in data:
         raise ValueError("PEM holds a public key; the issuer needs the private key")
+    from cryptography.hazmat.primitives import serialization
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:  # what cryptography raises for a key that needs a password
@@ -447,6 +450,11 @@ def _unb64(text):
     return base64.b64decode(text + "=" * (-len(text) % 4))
 
 
+def _has_scrypt():  # hashlib has it where Python's OpenSSL does
+    import hashlib
+    return hasattr(hashlib, "scrypt")
+
+
 @dataclass(frozen=True)
 class PasswordHash:
     """A salted, slow password hash in PHC string format:
@@ -479,13 +487,14 @@ class PasswordHash:
             if not (SCRYPT_FLOOR_LOG2_N <= log2_n <= 20 and 1 <= r <= 32 and 1 <= p <= 16):
                 raise ValueError("scrypt settings out of range (ln %d-20, r 1-32, p 1-16)"
                                  % SCRYPT_FLOOR_LOG2_N)
-            if not hasattr(hashlib, "scrypt"):
+            if not _has_scrypt():
                 raise ValueError("this Python's hashlib has no scrypt; use pbkdf2-sha256")
         elif not PBKDF2_FLOOR_ITERATIONS <= params[0] <= 10 ** 8:
             raise ValueError("pbkdf2-sha256 needs %d iterations or more" % PBKDF2_FLOOR_ITERATIONS)
         return cls(scheme, params, salt, digest)
 
     def derive(self, password):
+        import hashlib
         secret = password.encode("utf-8")
         if self.scheme == "scrypt":
             log2_n, r, p = self.params
@@ -495,12 +504,13 @@ class PasswordHash:
                                    dklen=len(self.digest))
 
     def matches(self, password):
+        import hmac
         return hmac.compare_digest(self.derive(password), self.digest)
 
 
 def hash_password(password, salt):
     """A new password hash string: scrypt, or PBKDF2-SHA256 where there is none."""
-    if hasattr(hashlib, "scrypt"):
+    if _has_scrypt():
         scheme, params = "scrypt", (SCRYPT_LOG2_N, SCRYPT_R, SCRYPT_P)
         settings = "ln=%d,r=%d,p=%d" % params
     else:
@@ -666,6 +676,7 @@ def write_new_file(path, data):
     """Write data to a new file, mode 0600, all or nothing, never over an
     existing file: a temp file in the same directory, fsync, then link(),
     which unlike rename() fails if the name is taken."""
+    import tempfile
     directory = os.path.dirname(path) or "."
     try:
         fd, temp_path = tempfile.mkstemp(dir=directory, prefix=".jwt_issuer-", suffix=".tmp")
@@ -925,15 +936,17 @@ class Authenticator:
     def __init__(self, users, checks_at_once):
         self.users = users
         self._checks_at_once = checks_at_once  # a semaphore: each scrypt check holds 16 MiB
-        self._cache_key = secrets.token_bytes(32)
+        self._cache_key = os.urandom(32)
         self._verified = {}  # HMAC of the credentials -> (user, when it expires)
         self._lock = threading.Lock()
-        self._dummy = PasswordHash.parse(hash_password(secrets.token_urlsafe(16), os.urandom(16)))
+        self._dummy = PasswordHash.parse(hash_password(b64url_encode(os.urandom(16)),
+                                                       os.urandom(16)))
 
     def check(self, user, password, now):
         """None when the credentials are good, else why not (for the log)."""
         user_bytes = user.encode("utf-8")  # length-prefixed: user and password cannot blur
         credentials = b"%d:%s%s" % (len(user_bytes), user_bytes, password.encode("utf-8"))
+        import hmac
         cache_key = hmac.digest(self._cache_key, credentials, "sha256")
         cached = self._verified.get(cache_key)
         if cached is not None and cached[1] > now:
@@ -1701,6 +1714,7 @@ def _is_loopback(host):
 
 
 def read_password():
+    import getpass
     if sys.stdin.isatty():
         password = getpass.getpass("Password: ")
         if getpass.getpass("Password again: ") != password:
