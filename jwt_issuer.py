@@ -28,6 +28,7 @@ __version__ = "1.0.0"
 import argparse
 import base64
 import binascii
+import bisect
 import email.utils
 import functools
 import io
@@ -36,6 +37,7 @@ import itertools
 import json
 import logging
 import math
+import mmap
 import os
 import re
 import signal
@@ -377,7 +379,8 @@ def der_to_raw_signature(der):
     if der[:1] == b"\x30" and der[2:3] == b"\x02" and der[4 + r_length:5 + r_length] == b"\x02":
         r, s = der[4:4 + r_length], der[6 + r_length:]
         if len(r) <= P256_BYTES + 1 and len(s) <= P256_BYTES + 1:
-            return r[-P256_BYTES:].rjust(P256_BYTES, b"\0") + s[-P256_BYTES:].rjust(P256_BYTES, b"\0")
+            return (r[-P256_BYTES:].rjust(P256_BYTES, b"\0")
+                    + s[-P256_BYTES:].rjust(P256_BYTES, b"\0"))
     r, s = decode_dss_signature(der)
     return r.to_bytes(P256_BYTES, "big") + s.to_bytes(P256_BYTES, "big")
 
@@ -570,6 +573,7 @@ ENVIRONMENT = {
     "audience": "JWT_ISSUER_AUDIENCE",
     "ttl": "JWT_ISSUER_TTL",
     "max_connections": "JWT_ISSUER_MAX_CONNECTIONS",
+    "workers": "JWT_ISSUER_WORKERS",
     "auth_file": "JWT_ISSUER_AUTH_FILE",
     "tls_cert": "JWT_ISSUER_TLS_CERT",
     "tls_key": "JWT_ISSUER_TLS_KEY",
@@ -601,6 +605,7 @@ class Config:
     audience: tuple = ()
     ttl: int = DEFAULT_TTL_SECONDS
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    workers: int = 1  # processes, forked after the bind
     auth_file: str = None  # users and password hashes: POST /auth/token needs HTTP Basic
     tls_cert: str = None  # with tls_key: HTTPS
     tls_key: str = None
@@ -650,6 +655,9 @@ class Config:
         max_connections, source = setting("max_connections")
         if max_connections is not None:
             values["max_connections"] = _integer(max_connections, source, 1, 100000)
+        workers, source = setting("workers")
+        if workers is not None:
+            values["workers"] = _integer(workers, source, 1, 64)
         for name in ("auth_file", "tls_cert", "tls_key", "tls_client_ca"):
             path, source = setting(name)
             if path == "":
@@ -834,6 +842,7 @@ def issue_token(request):
     claims = make_claims(sub, issuer=config.issuer, audience=config.audience, ttl=config.ttl,
                          now=int(time.time()), jti=server.token_ids())
     token = keys.sign(claims)
+    server.metrics.token_issued()
     log.info("issued sub=%s kid=%s jti=%s exp=%d", _quoted(sub), keys.kid, claims["jti"],
              claims["exp"], extra=WRITTEN_WITH_THE_NEXT_LINE)
     if any(_media_type(accepted) == JSON_TYPE
@@ -855,12 +864,19 @@ def healthz(request):
     return 200, JSON_TYPE, b'{"status":"ok"}', REVALIDATE
 
 
+def metrics(request):
+    server = request.server
+    body = server.metrics.render(server.keys.kid, server.config.workers).encode("utf-8")
+    return 200, "text/plain; version=0.0.4; charset=utf-8", body, REVALIDATE
+
+
 ROUTES = {
     ("POST", "/auth/token"): issue_token,
     ("GET", "/auth/jwks"): jwks,
     ("GET", "/.well-known/jwks.json"): jwks,
     ("GET", "/.well-known/openid-configuration"): openid_configuration,
     ("GET", "/healthz"): healthz,
+    ("GET", "/metrics"): metrics,
 }
 
 
@@ -872,6 +888,117 @@ def _allowed_methods(routes):
 
 
 ALLOWED_METHODS = _allowed_methods(ROUTES)  # for the Allow header of a 405
+
+
+# ---------------------------------------------------------------- the HTTP edge: metrics
+
+def _label(value):  # Prometheus text format: a label value, quoted and escaped
+    return '"%s"' % value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class Metrics:
+    """Counters for GET /metrics (Prometheus text format 0.0.4), in shared
+    memory: an anonymous mmap made before any fork, a row of 64-bit integers
+    per worker. A worker adds to its own row, under its own lock; a scrape sums
+    the rows, so every worker answers with the totals of all of them. A worker
+    restarted in the same slot keeps its row, and the counts stay monotonic."""
+
+    ENDPOINTS = ("/auth/token", "/auth/jwks", "/.well-known/jwks.json",
+                 "/.well-known/openid-configuration", "/healthz", "/metrics", "other")
+    STATUSES = (200, 400, 401, 403, 404, 405, 411, 413, 414, 415, 429, 431, 500, 503, 505,
+                "other")
+    BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)  # s
+    # A row: tokens, reloads, reload failures, refused connections, then per
+    # endpoint: a count per status, a count per bucket (and +Inf), the summed
+    # microseconds.
+    _PER_ENDPOINT = len(STATUSES) + len(BUCKETS) + 2
+    _ROW = 4 + len(ENDPOINTS) * _PER_ENDPOINT
+
+    def __init__(self, rows=1):
+        self._memory = mmap.mmap(-1, 8 * self._ROW * rows)  # MAP_SHARED: forks see it
+        self._counts = memoryview(self._memory).cast("q")
+        self._rows = rows
+        self._endpoints = {name: 4 + i * self._PER_ENDPOINT
+                           for i, name in enumerate(self.ENDPOINTS)}
+        self._statuses = {status: i for i, status in enumerate(self.STATUSES)}
+        self.use_row(0)
+
+    def use_row(self, row):
+        """In a worker, after the fork: its own row, and a lock of its own."""
+        self._base = row * self._ROW
+        self._lock = threading.Lock()
+
+    def _add(self, offset, amount=1):
+        with self._lock:
+            self._counts[self._base + offset] += amount
+
+    def token_issued(self):
+        self._add(0)
+
+    def reloaded(self, ok):
+        self._add(1 if ok else 2)
+
+    def refused(self):
+        self._add(3)
+
+    def answered(self, endpoint, status, seconds):
+        start = self._endpoints.get(endpoint) or self._endpoints["other"]
+        status_offset = self._statuses.get(status, len(self.STATUSES) - 1)
+        bucket_offset = len(self.STATUSES) + bisect.bisect_left(self.BUCKETS, seconds)
+        i = self._base + start
+        with self._lock:
+            self._counts[i + status_offset] += 1
+            self._counts[i + bucket_offset] += 1
+            self._counts[i + self._PER_ENDPOINT - 1] += int(seconds * 1e6)
+
+    def _total(self, offset):
+        return sum(self._counts[row * self._ROW + offset] for row in range(self._rows))
+
+    def render(self, kid, workers):
+        out = []
+
+        def family(name, kind, text):
+            out.append("# HELP jwt_issuer_%s %s\n# TYPE jwt_issuer_%s %s\n"
+                       % (name, text, name, kind))
+
+        family("build_info", "gauge", "Version, and the kid signing now.")
+        out.append("jwt_issuer_build_info{version=%s,kid=%s} 1\n"
+                   % (_label(__version__), _label(kid)))
+        family("workers", "gauge", "Processes serving.")
+        out.append("jwt_issuer_workers %d\n" % workers)
+        for offset, name, text in ((0, "tokens_issued_total", "Tokens issued."),
+                                   (1, "key_reloads_total", "Key file reloads (one per worker "
+                                                            "per SIGHUP)."),
+                                   (2, "key_reload_failures_total", "Key file reloads that "
+                                                                    "failed, keeping the keys."),
+                                   (3, "connections_refused_total", "Connections refused with "
+                                                                    "503 at --max-connections.")):
+            family(name, "counter", text)
+            out.append("jwt_issuer_%s %d\n" % (name, self._total(offset)))
+        family("requests_total", "counter", "Requests answered, by endpoint and status.")
+        for endpoint, start in self._endpoints.items():
+            for status, i in self._statuses.items():
+                count = self._total(start + i)
+                if count:
+                    out.append("jwt_issuer_requests_total{endpoint=%s,status=%s} %d\n"
+                               % (_label(endpoint), _label(str(status)), count))
+        family("request_duration_seconds", "histogram",
+               "From a request's first byte to its answer.")
+        for endpoint, start in self._endpoints.items():
+            buckets = [self._total(start + len(self.STATUSES) + i)
+                       for i in range(len(self.BUCKETS) + 1)]
+            if not any(buckets):
+                continue
+            cumulative = 0
+            for bound, count in zip(self.BUCKETS + ("+Inf",), buckets):
+                cumulative += count
+                out.append("jwt_issuer_request_duration_seconds_bucket{endpoint=%s,le=%s} %d\n"
+                           % (_label(endpoint), _label(str(bound)), cumulative))
+            out.append("jwt_issuer_request_duration_seconds_sum{endpoint=%s} %.6f\n"
+                       % (_label(endpoint), self._total(start + self._PER_ENDPOINT - 1) / 1e6))
+            out.append("jwt_issuer_request_duration_seconds_count{endpoint=%s} %d\n"
+                       % (_label(endpoint), cumulative))
+        return "".join(out)
 
 
 # ---------------------------------------------------------------- the HTTP edge: who may ask
@@ -1181,6 +1308,7 @@ class RequestHandler(BaseHTTPRequestHandler):
     rbufsize = 0  # RequestReader does the buffering
     body = b""
     started = 0.0
+    endpoint = "other"  # for the metrics: a known path, or "other"
 
     def setup(self):
         super().setup()
@@ -1213,7 +1341,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         # The stdlib's version, with the request clock, a request head read by
         # _read_head, and every method going to _answer (a 405 or 404, never a 501).
         self.command, self.request_version, self.requestline = "", "HTTP/1.1", ""
-        self.body = b""
+        self.body, self.endpoint = b"", "other"
         server = self.server
         try:
             if not self.rfile.wait_for_request(server.idle_timeout, server.request_timeout):
@@ -1231,6 +1359,8 @@ class RequestHandler(BaseHTTPRequestHandler):
             self.body = self._read_body()  # first, whatever the path: it frames the next request
             self.rfile.end_request(self.server.idle_timeout)
             path = request_path(self.path)
+            if path in ALLOWED_METHODS:
+                self.endpoint = path
             method = "GET" if self.command == "HEAD" else self.command
             endpoint = ROUTES.get((method, path))
             if endpoint is None:
@@ -1378,6 +1508,7 @@ class RequestHandler(BaseHTTPRequestHandler):
                 % (http_date(time.time()), len(body))).encode("latin-1")
         log.info('%s "%s" %d %d %.1fms', self.client_address[0], self._logged_requestline(),
                  status, len(body), (time.perf_counter() - self.started) * 1000)
+        self.server.metrics.answered(self.endpoint, status, time.perf_counter() - self.started)
         self.wfile.write(head if self.command == "HEAD" else head + body)
 
     def _drain_input(self):
@@ -1436,6 +1567,7 @@ class IssuerServer(ThreadingHTTPServer):
                      else Authenticator(load_users(config.auth_file), self.password_checks))
         self.limiter = FailureLimiter()
         self.token_ids = TokenIds()
+        self.metrics = Metrics(config.workers)
         self.tls_context = None if config.tls_cert is None else load_tls_context(config)
         self.stopping = False
         self.max_connections = config.max_connections
@@ -1550,6 +1682,7 @@ class IssuerServer(ThreadingHTTPServer):
     def _refuse(self, request):
         # Over TLS the 503 cannot be read before a handshake: just close.
         answer = TOO_BUSY_ANSWER if self.tls_context is None else b""
+        self.metrics.refused()
         now = time.monotonic()
         if now - self._refusals_logged_at >= 10:  # a flood of refusals is one line in 10 s
             log.warning("refused %d connections in 10s: %d open, the most --max-connections "
@@ -1586,9 +1719,11 @@ class IssuerServer(ThreadingHTTPServer):
         with self._reload_lock:
             try:
                 self.keys = load_keyset(config.key_path)
+                self.metrics.reloaded(True)
                 log.info("reloaded keys from %s: signing with kid %s, publishing %s",
                          config.key_path, self.keys.kid, ", ".join(self.keys.kids))
             except ConfigError as error:
+                self.metrics.reloaded(False)
                 log.error("key reload failed, still signing with kid %s: %s", self.keys.kid, error)
             if config.auth_file is not None:
                 try:
@@ -1648,6 +1783,10 @@ def build_parser():
                         help="connections served at once, one thread each; idle ones are closed "
                              "to make room, then clients get 503 (env JWT_ISSUER_MAX_CONNECTIONS;"
                              " default %d)" % DEFAULT_MAX_CONNECTIONS)
+    parser.add_argument("--workers", metavar="N",
+                        help="processes serving the one listening socket, forked after the "
+                             "bind; the first process supervises them (env JWT_ISSUER_WORKERS; "
+                             "default 1)")
     parser.add_argument("--auth-file", metavar="FILE",
                         help="lines user:HASH (see hash-password): POST /auth/token then needs "
                              "HTTP Basic, and the user is the subject (env JWT_ISSUER_AUTH_FILE)")
@@ -1812,6 +1951,25 @@ def serve(config):
         server.server_close()
         raise
 
+    workers = config.workers
+    if workers > 1 and not hasattr(os, "fork"):
+        log.warning("--workers %d: this platform has no fork(); serving with one process",
+                    workers)
+        workers = 1
+    log.info("jwt_issuer %s: issuer %s, signing with kid %s, token lifetime %ds%s%s%s%s",
+             __version__, server.config.issuer, keys.kid, config.ttl,
+             ", audience " + ", ".join(config.audience) if config.audience else "",
+             ", %d users" % len(server.auth.users) if server.auth else "",
+             ", client certificates from " + config.tls_client_ca if config.tls_client_ca else "",
+             ", %d workers" % workers if workers > 1 else "")
+    for warning in startup_warnings(config):
+        log.warning(warning)
+    print("listening on " + server.url, file=sys.stderr, flush=True)
+    return run_worker(server) if workers == 1 else supervise(server, workers)
+
+
+def run_worker(server):
+    """Serve until SIGTERM or SIGINT, then finish what is in flight."""
     def stop(signum, frame):
         # shutdown() waits for serve_forever() to return, and this handler
         # runs on the thread serving: call it from another thread.
@@ -1822,17 +1980,75 @@ def serve(config):
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, lambda signum, frame: threading.Thread(
             target=server.reload, name="reload").start())
-    log.info("jwt_issuer %s: issuer %s, signing with kid %s, token lifetime %ds%s%s%s",
-             __version__, server.config.issuer, keys.kid, config.ttl,
-             ", audience " + ", ".join(config.audience) if config.audience else "",
-             ", %d users" % len(server.auth.users) if server.auth else "",
-             ", client certificates from " + config.tls_client_ca if config.tls_client_ca else "")
-    for warning in startup_warnings(config):
-        log.warning(warning)
-    print("listening on " + server.url, file=sys.stderr, flush=True)
     server.serve_forever()
     if not server.drain(DRAIN_TIMEOUT_SECONDS):
         log.warning("stopping with requests still in flight after %ds", DRAIN_TIMEOUT_SECONDS)
+    server.server_close()
+    log.info("stopped")
+    return 0
+
+
+SUPERVISED_SIGNALS = (signal.SIGTERM, signal.SIGINT) + ((signal.SIGHUP,) if hasattr(
+    signal, "SIGHUP") else ())
+
+
+def supervise(server, count):
+    """--workers: fork COUNT workers that serve the socket already bound, start
+    another in place of one that dies, pass SIGHUP on to all of them (each
+    reloads), and on SIGTERM or SIGINT stop them all and wait for them."""
+    workers = {}  # pid -> (slot, when it started)
+    stopping = []
+
+    def start(slot):
+        # A worker must not run this process's handlers before it has its own.
+        signal.pthread_sigmask(signal.SIG_BLOCK, SUPERVISED_SIGNALS)
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                server.metrics.use_row(slot)
+                for signum in SUPERVISED_SIGNALS:
+                    signal.signal(signum, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, SUPERVISED_SIGNALS)
+                status = run_worker(server)
+            finally:
+                logging.shutdown()
+                os._exit(status)
+        workers[pid] = (slot, time.monotonic())
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SUPERVISED_SIGNALS)
+
+    def pass_on(signum, frame):
+        if signum != getattr(signal, "SIGHUP", None):
+            stopping.append(signum)
+        for pid in list(workers):
+            try:
+                os.kill(pid, signal.SIGTERM if stopping else signum)
+            except ProcessLookupError:
+                pass
+
+    for signum in SUPERVISED_SIGNALS:
+        signal.signal(signum, pass_on)
+    # Every worker wakes for a new connection and one gets it: the others'
+    # accept() must say EAGAIN (socketserver then waits again), not block,
+    # where a SIGTERM would go unheard until the next connection.
+    server.socket.setblocking(False)
+    for slot in range(count):
+        start(slot)
+    log.info("%d workers serving: pids %s", count, ", ".join(str(pid) for pid in workers))
+    while workers:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        slot, started = workers.pop(pid)
+        if stopping:
+            continue
+        code = os.waitstatus_to_exitcode(status)
+        how = "was killed by signal %d" % -code if code < 0 else "exited with status %d" % code
+        log.error("worker %d (pid %d) %s; starting another", slot, pid, how)
+        if time.monotonic() - started < 1:  # dying at once: do not spin
+            time.sleep(1)
+        start(slot)
     server.server_close()
     log.info("stopped")
     return 0

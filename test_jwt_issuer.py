@@ -49,6 +49,7 @@ from hypothesis import strategies as st
 from joserfc import jwt as joserfc_jwt
 from joserfc.jwk import ECKey as JoseECKey
 from joserfc.jwk import KeySet as JoseKeySet
+from prometheus_client.parser import text_string_to_metric_families
 
 import jwt_issuer
 from jwt_issuer import (
@@ -706,6 +707,11 @@ class ConfigTest(unittest.TestCase):
                                 issuer="http://x:1", audience=("a", "b,c"), ttl=5,
                                 max_connections=8))
 
+    def test_workers(self):
+        self.assertEqual(self.config(["--workers", "4"]).workers, 4)
+        self.assertEqual(self.config(environ={"JWT_ISSUER_WORKERS": "2"}).workers, 2)
+        self.assertEqual(self.config(["--workers", "3"], {"JWT_ISSUER_WORKERS": "2"}).workers, 3)
+
     def test_any_audience_flag_replaces_the_environment_list(self):
         config = self.config(["--audience", "only"], {"JWT_ISSUER_AUDIENCE": "a,b"})
         self.assertEqual(config.audience, ("only",))
@@ -739,6 +745,9 @@ class ConfigTest(unittest.TestCase):
              '--max-connections must be an integer from 1 to 100000, not "0"'),
             ([], {"JWT_ISSUER_MAX_CONNECTIONS": "lots"},
              'JWT_ISSUER_MAX_CONNECTIONS must be an integer from 1 to 100000, not "lots"'),
+            (["--workers", "0"], {}, '--workers must be an integer from 1 to 64, not "0"'),
+            ([], {"JWT_ISSUER_WORKERS": "two"},
+             'JWT_ISSUER_WORKERS must be an integer from 1 to 64, not "two"'),
             (["--host", ""], {}, "host must not be empty (0.0.0.0 listens on every IPv4 address)"),
             (["--key", ""], {}, "key file name must not be empty"),
             (["--audience", ""], {}, "an audience must be a non-empty string"),
@@ -1397,7 +1406,7 @@ class ProcessTest(TempDirTestCase):
         self.assertEqual(result.returncode, 0)
         text = result.stdout.decode()
         for word in ("--host", "--port", "--key", "--issuer", "--audience", "--ttl",
-                     "--max-connections", "genkey",
+                     "--max-connections", "--workers", "genkey",
                      "pem2jwk", *jwt_issuer.ENVIRONMENT.values(), "SIGHUP"):
             self.assertIn(word, text)
         self.assertIn(jwt_issuer.__version__, run_command("--version").stdout.decode())
@@ -1719,6 +1728,32 @@ class ConnectionLimitTest(unittest.TestCase):
             self.assertEqual(request(server, "GET", "/healthz")[0], 200)
 
 
+def token_load(url, clients, seconds, results, stop=None):
+    """CLIENTS threads, each on one keep-alive connection, asking for tokens
+    for SECONDS or until STOP is set; results gets (status, body, connection header)."""
+    host, port = url[len("http://"):].rsplit(":", 1)
+    deadline = time.monotonic() + seconds
+
+    def client(number):
+        connection = http.client.HTTPConnection(host, int(port), timeout=10)
+        body = json_bytes({"name": "client-%d" % number})
+        try:
+            while time.monotonic() < deadline and not (stop and stop.is_set()):
+                connection.request("POST", "/auth/token", body, JSON_HEADERS)
+                response = connection.getresponse()
+                results.append((response.status, response.read(),
+                                response.headers["Connection"]))
+        except (ConnectionError, http.client.HTTPException, OSError) as error:
+            results.append((None, repr(error), None))
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
 def proc_status(pid):
     with open("/proc/%d/status" % pid) as f:
         return {name: int(value.split()[0]) for name, value in
@@ -1744,37 +1779,12 @@ class LoadTest(TempDirTestCase):
         print("\n  300 idle connections: %d threads, RSS %d -> %d KiB"
               % (after["Threads"], before["VmRSS"], after["VmRSS"]), file=sys.stderr)
 
-    def load(self, url, clients, seconds, results, stop=None):
-        """CLIENTS threads, each on one keep-alive connection, asking for tokens
-        for SECONDS or until STOP is set; results gets (status, body, connection header)."""
-        host, port = url[len("http://"):].rsplit(":", 1)
-        deadline = time.monotonic() + seconds
-
-        def client(number):
-            connection = http.client.HTTPConnection(host, int(port), timeout=10)
-            body = json_bytes({"name": "client-%d" % number})
-            try:
-                while time.monotonic() < deadline and not (stop and stop.is_set()):
-                    connection.request("POST", "/auth/token", body, JSON_HEADERS)
-                    response = connection.getresponse()
-                    results.append((response.status, response.read(),
-                                    response.headers["Connection"]))
-            except (ConnectionError, http.client.HTTPException, OSError) as error:
-                results.append((None, repr(error), None))
-            finally:
-                connection.close()
-
-        threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
-        for thread in threads:
-            thread.start()
-        return threads
-
     def test_load_over_keep_alive(self):
         key = new_key()
         process = self.start("--key", self.key_file(key))
         results = []
         started = time.monotonic()
-        for thread in self.load(process.url, clients=32, seconds=3, results=results):
+        for thread in token_load(process.url, clients=32, seconds=3, results=results):
             thread.join()
         elapsed = time.monotonic() - started
         self.assertEqual([r for r in results if r[0] != 200], [])
@@ -1796,7 +1806,7 @@ class LoadTest(TempDirTestCase):
         process = self.start("--key", self.key_file())
         host, port = process.url[len("http://"):].rsplit(":", 1)
         results, stop = [], threading.Event()
-        threads = self.load(process.url, clients=16, seconds=30, results=results, stop=stop)
+        threads = token_load(process.url, clients=16, seconds=30, results=results, stop=stop)
         in_flight = socket.create_connection((host, int(port)), timeout=10)
         self.addCleanup(in_flight.close)
         request_bytes = post(BODY)
@@ -2463,6 +2473,112 @@ class AuthProcessTest(TempDirTestCase):
         self.assertEqual(token_status("alice"), (200, serial))
         self.assertEqual(process.stop(), 0)
         self.assertNotIn("alice-pw", process.log)
+
+
+# ---------------------------------------------------------------- workers and metrics
+
+def scrape(url, verify=True):
+    """GET /metrics, parsed by prometheus_client: {(name, labels...): value}."""
+    response = requests.get(url + "/metrics", timeout=10, verify=verify)
+    assert response.status_code == 200, response.text
+    assert response.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples[(sample.name,) + tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+class MetricsTest(unittest.TestCase):
+    def test_counts_histograms_and_build_info(self):
+        key = new_key()
+        with serving(keyset_for(key)) as server:
+            for _ in range(5):
+                request(server, "POST", "/auth/token", BODY, JSON_HEADERS)
+            request(server, "POST", "/auth/token", b"{", JSON_HEADERS)
+            request(server, "GET", "/auth/jwks")
+            request(server, "GET", "/nope")
+            request(server, "DELETE", "/auth/jwks")
+            samples = scrape(server.url)
+        endpoint, status = ("endpoint", "/auth/token"), ("status", "200")
+        self.assertEqual(samples[("jwt_issuer_tokens_issued_total",)], 5)
+        self.assertEqual(samples[("jwt_issuer_requests_total", endpoint, status)], 5)
+        self.assertEqual(samples[("jwt_issuer_requests_total", endpoint, ("status", "400"))], 1)
+        self.assertEqual(samples[("jwt_issuer_requests_total", ("endpoint", "/auth/jwks"),
+                                  ("status", "200"))], 1)
+        self.assertEqual(samples[("jwt_issuer_requests_total", ("endpoint", "/auth/jwks"),
+                                  ("status", "405"))], 1)
+        self.assertEqual(samples[("jwt_issuer_requests_total", ("endpoint", "other"),
+                                  ("status", "404"))], 1)
+        self.assertEqual(samples[("jwt_issuer_request_duration_seconds_count", endpoint)], 6)
+        self.assertEqual(samples[("jwt_issuer_request_duration_seconds_bucket", endpoint,
+                                  ("le", "+Inf"))], 6)
+        self.assertGreater(samples[("jwt_issuer_request_duration_seconds_sum", endpoint)], 0)
+        buckets = sorted((float(labels[1][1]), value) for (name, *labels), value in
+                         samples.items() if name.endswith("_bucket") and labels[0] == endpoint)
+        self.assertEqual([value for _, value in buckets], sorted(value for _, value in buckets))
+        self.assertEqual(samples[("jwt_issuer_build_info", ("kid", public_jwk(
+            key.public_key())["kid"]), ("version", jwt_issuer.__version__))], 1)
+        self.assertEqual(samples[("jwt_issuer_workers",)], 1)
+        self.assertEqual(samples[("jwt_issuer_key_reloads_total",)], 0)
+
+
+class WorkersTest(TempDirTestCase):
+    def cpu_ticks(self, pid):
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime
+
+    def children(self, pid):
+        with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
+            return [int(child) for child in f.read().split()]
+
+    def test_workers_share_the_socket_and_the_counts(self):
+        old, new = new_key(), new_key()
+        path = self.key_file(old)
+        process = self.start("--key", path, "--workers", "2")
+        process.wait_for("2 workers serving")
+        workers = self.children(process.proc.pid)
+        self.assertEqual(len(workers), 2)
+        before = [self.cpu_ticks(pid) for pid in workers]
+        results = []
+        for thread in token_load(process.url, clients=8, seconds=1.5, results=results):
+            thread.join()
+        self.assertEqual({status for status, _, _ in results}, {200})
+        for pid, ticks in zip(workers, before):  # both took a share of the work
+            self.assertGreater(self.cpu_ticks(pid), ticks, "worker %d served nothing" % pid)
+        # every scrape, whichever worker answers it, has the totals of both
+        totals = {scrape(process.url)[("jwt_issuer_tokens_issued_total",)] for _ in range(6)}
+        self.assertEqual(totals, {len(results)})
+
+        # SIGHUP to the first process reaches both workers
+        self.write("rotated.json", {"keys": [private_jwk(new), public_jwk(old.public_key())]})
+        os.replace(os.path.join(self.dir, "rotated.json"), path)
+        process.proc.send_signal(signal.SIGHUP)
+        process.wait_for("reloaded keys from")
+        process.wait_for("reloaded keys from")
+        new_kid = public_jwk(new.public_key())["kid"]
+        kids = {segments(process.token())[0]["kid"] for _ in range(20)}
+        self.assertEqual(kids, {new_kid})
+        self.assertEqual(scrape(process.url)[("jwt_issuer_key_reloads_total",)], 2)
+
+    def test_a_dead_worker_is_replaced_and_sigterm_stops_all(self):
+        process = self.start("--key", self.key_file(), "--workers", "2")
+        process.wait_for("2 workers serving")
+        first, second = self.children(process.proc.pid)
+        os.kill(first, signal.SIGKILL)
+        process.wait_for("worker 0 \\(pid %d\\) was killed by signal 9; starting another" % first)
+        eventually(lambda: len(self.children(process.proc.pid)) == 2)
+        replacement = set(self.children(process.proc.pid)) - {second}
+        self.assertEqual(len(replacement), 1)
+        self.assertEqual(len({process.token() for _ in range(20)}), 20)
+        started = time.monotonic()
+        self.assertEqual(process.stop(), 0)
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertEqual(process.log.count("INFO stopped"), 3)  # two workers, then the first
+        for pid in (second, *replacement):  # stopped and reaped
+            with self.assertRaises(ProcessLookupError):
+                os.kill(pid, 0)
 
 
 # ---------------------------------------------------------------- Vault / OpenBao, for real
