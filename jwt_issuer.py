@@ -1968,8 +1968,14 @@ def serve(config):
     return run_worker(server) if workers == 1 else supervise(server, workers)
 
 
-def run_worker(server):
-    """Serve until SIGTERM or SIGINT, then finish what is in flight."""
+def run_worker(server, supervisor=None):
+    """Serve until SIGTERM or SIGINT, then finish what is in flight. A worker
+    of --workers also stops when its SUPERVISOR (a pid) is gone: it would only
+    hold the socket, with no one to stop or restart it."""
+    if supervisor is not None:
+        threading.Thread(target=_stop_when_orphaned, args=(server, supervisor),
+                         name="orphan-watch", daemon=True).start()
+
     def stop(signum, frame):
         # shutdown() waits for serve_forever() to return, and this handler
         # runs on the thread serving: call it from another thread.
@@ -1986,6 +1992,15 @@ def run_worker(server):
     server.server_close()
     log.info("stopped")
     return 0
+
+
+def _stop_when_orphaned(server, supervisor):
+    while not server.stopping:
+        time.sleep(1)
+        if os.getppid() != supervisor:
+            log.error("the supervising process (pid %d) is gone; stopping", supervisor)
+            server.shutdown()  # from this thread, not the one serving
+            return
 
 
 SUPERVISED_SIGNALS = (signal.SIGTERM, signal.SIGINT) + ((signal.SIGHUP,) if hasattr(
@@ -2010,7 +2025,7 @@ def supervise(server, count):
                 for signum in SUPERVISED_SIGNALS:
                     signal.signal(signum, signal.SIG_DFL)
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, SUPERVISED_SIGNALS)
-                status = run_worker(server)
+                status = run_worker(server, supervisor=os.getppid())
             finally:
                 logging.shutdown()
                 os._exit(status)

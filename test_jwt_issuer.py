@@ -2580,6 +2580,24 @@ class WorkersTest(TempDirTestCase):
             with self.assertRaises(ProcessLookupError):
                 os.kill(pid, 0)
 
+    def test_workers_stop_when_the_supervisor_is_killed(self):
+        process = self.start("--key", self.key_file(), "--workers", "2")
+        process.wait_for("2 workers serving")
+        workers = self.children(process.proc.pid)
+        process.proc.kill()  # SIGKILL: no chance to stop them
+        process.proc.wait()
+
+        def gone(pid):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            with open("/proc/%d/stat" % pid) as f:  # a zombie waiting for init counts
+                return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        process.wait_for("the supervising process \\(pid %d\\) is gone; stopping"
+                         % process.proc.pid)
+        eventually(lambda: all(gone(pid) for pid in workers), timeout=5)
+
 
 # ---------------------------------------------------------------- Vault / OpenBao, for real
 
