@@ -1758,9 +1758,10 @@ def build_parser():
         prog="jwt_issuer.py",
         description="Mint ES256 JWTs at POST /auth/token and publish the public keys at "
                     "GET /auth/jwks, for Vault/OpenBao jwt auth or any JWKS verifier.",
-        epilog="Flags win over the environment. The token endpoint is open: whoever reaches "
-               "it can mint a token for any subject, so it listens on 127.0.0.1 unless told "
-               "otherwise. SIGHUP reloads the key file; SIGTERM and SIGINT stop gracefully.",
+        epilog="Flags win over the environment. Without --auth-file or --tls-client-ca the "
+               "token endpoint is open: whoever reaches it can mint a token for any subject, "
+               "so it listens on 127.0.0.1 unless told otherwise. SIGHUP reloads the key, auth "
+               "and TLS files; SIGTERM and SIGINT stop gracefully.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
     parser.add_argument("--host", metavar="HOST",

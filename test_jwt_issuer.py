@@ -35,6 +35,7 @@ import tempfile
 import threading
 import time
 import unittest
+import warnings
 from dataclasses import replace
 
 import jwt  # PyJWT, the seed's verifier
@@ -191,15 +192,20 @@ def serving(keys, **settings):
         thread.join()
 
 
-def request(server, method, path, body=None, headers=None):
-    """One request on a new connection: (status, headers, body)."""
-    connection = http.client.HTTPConnection(*server.server_address[:2], timeout=10)
+def one_request(connection, method, path, body=None, headers=None):
+    """One request on CONNECTION, which is then closed: (status, headers, body)."""
     try:
         connection.request(method, path, body=body, headers=headers or {})
         response = connection.getresponse()
         return response.status, response.headers, response.read()
     finally:
         connection.close()
+
+
+def request(server, method, path, body=None, headers=None):
+    """One request on a new connection: (status, headers, body)."""
+    connection = http.client.HTTPConnection(*server.server_address[:2], timeout=10)
+    return one_request(connection, method, path, body, headers)
 
 
 def read_response(stream):
@@ -1975,12 +1981,7 @@ def https(server, pki, method, path, body=None, headers=None, certificate=None,
     connection = http.client.HTTPSConnection(
         "127.0.0.1", server.server_address[1], timeout=10, source_address=(source, 0),
         context=pki.client_context(certificate))
-    try:
-        connection.request(method, path, body=body, headers=headers or {})
-        response = connection.getresponse()
-        return response.status, response.headers, response.read()
-    finally:
-        connection.close()
+    return one_request(connection, method, path, body, headers)
 
 
 class PasswordTest(TempDirTestCase):
@@ -2249,8 +2250,10 @@ class AuthServerTest(TempDirTestCase):
     def test_tls_below_1_2_is_refused(self):
         context = self.pki.client_context()
         try:
-            context.minimum_version = ssl.TLSVersion.TLSv1
-            context.maximum_version = ssl.TLSVersion.TLSv1_1
+            with warnings.catch_warnings():  # the very point: deprecated versions
+                warnings.simplefilter("ignore", DeprecationWarning)
+                context.minimum_version = ssl.TLSVersion.TLSv1
+                context.maximum_version = ssl.TLSVersion.TLSv1_1
         except (ValueError, ssl.SSLError):
             self.skipTest("this OpenSSL cannot even offer TLS 1.1")
         with self.assertRaises((ssl.SSLError, ConnectionError)):
