@@ -13,15 +13,16 @@ One module on the Python 3.9+ standard library and `cryptography`:
 Copyright (c) 2026 the jwt-issuer authors. MIT licence: see LICENSE.
 """
 
-# The file reads top to bottom: constants, errors, the pure core (base64url,
-# keys, claims, signing), configuration, the HTTP edge with its ROUTES table,
-# then the commands and main. Its rules:
+# The file reads top to bottom: constants, errors, the pure core (base64url
+# and JSON, keys, claims and signing, passwords), configuration, files, the
+# HTTP edge (endpoints and their ROUTES table, metrics, who may ask, the
+# handler and the server), then the commands and main. Its rules:
 #   - The pure core takes data and returns data: no socket, clock, file or
 #     os.environ inside. The edge passes in the time and the token id.
 #   - Every answer leaves through RequestHandler._send; every error a client
 #     can cause is an HTTPError, raised where the problem is found.
-#   - Nothing secret is logged or served: never a private key's "d", never a
-#     token (the audit line names its jti).
+#   - Nothing secret is logged or served: never a private key's "d", a
+#     password or a token (the audit line names its jti).
 
 __version__ = "1.0.0"
 
@@ -1530,6 +1531,8 @@ class RequestHandler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):
         log.info("%s " + format, self.client_address[0], *args)
 
+
+# ---------------------------------------------------------------- the HTTP edge: the server
 
 def _shut(connection):
     try:
