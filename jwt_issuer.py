@@ -398,6 +398,19 @@ _FORBIDDEN_IN_NAME = re.compile("[\x00-\x1f\x7f]")  # C0 controls and DEL
 _SURROGATE = re.compile("[\ud800-\udfff]")  # "\ud800" is valid JSON but no Unicode text
 
 
+def subject_problem(name):
+    """Why a string cannot be a token's subject (or a user's name), or None."""
+    if not name:
+        return "must not be empty"
+    if len(name) > MAX_NAME_CHARS:
+        return "is longer than %d characters" % MAX_NAME_CHARS
+    if _FORBIDDEN_IN_NAME.search(name):
+        return "must not contain control characters"
+    if _SURROGATE.search(name):
+        return "is not valid Unicode"
+    return None
+
+
 def subject_from_body(body, required=True):
     """The "name" of a request body {"name": ...}, checked, or HTTPError 400;
     None where it is absent and not required."""
@@ -416,15 +429,9 @@ def subject_from_body(body, required=True):
         raise HTTPError(400, "invalid_request", "name is required")
     if not isinstance(name, str):
         raise HTTPError(400, "invalid_request", "name must be a string")
-    if not name:
-        raise HTTPError(400, "invalid_request", "name must not be empty")
-    if len(name) > MAX_NAME_CHARS:
-        raise HTTPError(400, "invalid_request",
-                        "name is longer than %d characters" % MAX_NAME_CHARS)
-    if _FORBIDDEN_IN_NAME.search(name):
-        raise HTTPError(400, "invalid_request", "name must not contain control characters")
-    if _SURROGATE.search(name):
-        raise HTTPError(400, "invalid_request", "name is not valid Unicode")
+    problem = subject_problem(name)
+    if problem is not None:
+        raise HTTPError(400, "invalid_request", "name " + problem)
     return name
 
 
@@ -526,7 +533,7 @@ def hash_password(password, salt):
 
 def check_user_name(name):
     """A name that HTTP Basic can carry (RFC 7617 §2: no colon) and a log can show."""
-    if not name or ":" in name or _FORBIDDEN_IN_NAME.search(name) or len(name) > MAX_NAME_CHARS:
+    if ":" in name or subject_problem(name) is not None:
         raise ValueError("a user name must be 1-%d characters, with no colon or control "
                          "character" % MAX_NAME_CHARS)
     return name
@@ -708,6 +715,12 @@ def write_new_file(path, data):
         raise ConfigError("cannot write %s: %s" % (path, error.strerror or error)) from None
 
 
+def _warn_if_others_can_read(kind, path, mode):
+    if mode & 0o077:
+        log.warning("%s %s can be read by group or others (mode %04o): chmod 600 %s",
+                    kind, path, mode & 0o7777, path)
+
+
 def load_keyset(path):
     """Read and check a key file; ConfigError names the file and the problem."""
     try:
@@ -722,9 +735,7 @@ def load_keyset(path):
         keys = parse_key_file(data)
     except ValueError as error:
         raise ConfigError("key file %s: %s" % (path, error)) from None
-    if mode & 0o077:
-        log.warning("key file %s can be read by group or others (mode %04o): chmod 600 %s",
-                    path, mode & 0o7777, path)
+    _warn_if_others_can_read("key file", path, mode)
     if keys.uses_example_key:
         log.warning("THE KEY IN %s IS THE PUBLIC EXAMPLE KEY OF key.json.example: ANYONE CAN "
                     "FORGE TOKENS THAT VERIFY AGAINST THIS JWKS. Make your own: "
@@ -749,9 +760,7 @@ def load_users(path):
         raise ConfigError("auth file %s %s" % (path, error)) from None
     if not users:
         raise ConfigError("auth file %s has no users: no one could get a token" % path)
-    if mode & 0o077:
-        log.warning("auth file %s can be read by group or others (mode %04o): chmod 600 %s",
-                    path, mode & 0o7777, path)
+    _warn_if_others_can_read("auth file", path, mode)
     return users
 
 
@@ -904,8 +913,7 @@ class Metrics:
     the rows, so every worker answers with the totals of all of them. A worker
     restarted in the same slot keeps its row, and the counts stay monotonic."""
 
-    ENDPOINTS = ("/auth/token", "/auth/jwks", "/.well-known/jwks.json",
-                 "/.well-known/openid-configuration", "/healthz", "/metrics", "other")
+    ENDPOINTS = tuple(ALLOWED_METHODS) + ("other",)  # every path ROUTES serves
     STATUSES = (200, 400, 401, 403, 404, 405, 411, 413, 414, 415, 429, 431, 500, 503, 505,
                 "other")
     BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)  # s
@@ -1064,8 +1072,10 @@ class Authenticator:
     def __init__(self, users, checks_at_once):
         self.users = users
         self._checks_at_once = checks_at_once  # a semaphore: each scrypt check holds 16 MiB
+        import hmac
+        self._keyed_hash = hmac.digest
         self._cache_key = os.urandom(32)
-        self._verified = {}  # HMAC of the credentials -> (user, when it expires)
+        self._verified = {}  # HMAC of the credentials -> when it expires
         self._lock = threading.Lock()
         self._dummy = PasswordHash.parse(hash_password(b64url_encode(os.urandom(16)),
                                                        os.urandom(16)))
@@ -1074,10 +1084,9 @@ class Authenticator:
         """None when the credentials are good, else why not (for the log)."""
         user_bytes = user.encode("utf-8")  # length-prefixed: user and password cannot blur
         credentials = b"%d:%s%s" % (len(user_bytes), user_bytes, password.encode("utf-8"))
-        import hmac
-        cache_key = hmac.digest(self._cache_key, credentials, "sha256")
-        cached = self._verified.get(cache_key)
-        if cached is not None and cached[1] > now:
+        cache_key = self._keyed_hash(self._cache_key, credentials, "sha256")
+        expires = self._verified.get(cache_key)
+        if expires is not None and expires > now:
             return None
         expected = self.users.get(user)
         if not self._checks_at_once.acquire(timeout=REQUEST_TIMEOUT_SECONDS):
@@ -1094,7 +1103,7 @@ class Authenticator:
         with self._lock:
             if len(self._verified) >= VERIFIED_CACHE_ENTRIES:
                 self._verified.pop(next(iter(self._verified)))
-            self._verified[cache_key] = (user, now + VERIFIED_CACHE_SECONDS)
+            self._verified[cache_key] = now + VERIFIED_CACHE_SECONDS
         return None
 
 
@@ -1507,9 +1516,10 @@ class RequestHandler(BaseHTTPRequestHandler):
                       "keep-alive" if self.request_version == "HTTP/1.0" else None)
         head = (_head_template(status, content_type, headers, connection)
                 % (http_date(time.time()), len(body))).encode("latin-1")
+        seconds = time.perf_counter() - self.started
         log.info('%s "%s" %d %d %.1fms', self.client_address[0], self._logged_requestline(),
-                 status, len(body), (time.perf_counter() - self.started) * 1000)
-        self.server.metrics.answered(self.endpoint, status, time.perf_counter() - self.started)
+                 status, len(body), seconds * 1000)
+        self.server.metrics.answered(self.endpoint, status, seconds)
         self.wfile.write(head if self.command == "HEAD" else head + body)
 
     def _drain_input(self):
