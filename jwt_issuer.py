@@ -35,6 +35,7 @@ import argparse
 import base64
 import binascii
 import bisect
+import contextlib
 import email.utils
 import errno
 import ipaddress
@@ -1693,16 +1694,88 @@ class Slot:
             pass
 
 
+class Slots:
+    """The --max-connections places, held by client address, and who gives
+    way when they run short: the address holding the most, with its
+    longest-waiting connection, else its slowest (reading or writing for the
+    longest). A newcomer from an address that already holds the most may only
+    take the place of a waiting connection of its own. While places are free,
+    any address may take them all."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self._held = set()
+        self._per_client = {}  # client key -> places held
+        self._changed = threading.Condition()
+
+    def __len__(self):
+        return len(self._held)
+
+    def admit(self, slot):
+        """SLOT, placed; or the Slot closed to make room for it; or None, no room."""
+        with self._changed:
+            evicted = slot
+            if len(self._held) >= self.limit:
+                evicted = self._give_way(slot.client)
+                if evicted is None:
+                    return None
+            self._held.add(slot)
+            self._per_client[slot.client] = self._per_client.get(slot.client, 0) + 1
+            return evicted
+
+    def _give_way(self, client):
+        most = max(self._per_client.values())
+        if self._per_client.get(client, 0) >= most:
+            candidates = [s for s in self._held if s.client == client and s.state in WAITING]
+        else:  # RFC 9112 §9.8: a server may close an idle connection at any time
+            candidates = [s for s in self._held
+                          if self._per_client[s.client] == most and s.state != WORKING]
+        if not candidates:
+            return None
+        victim = min(candidates, key=lambda s: (s.state not in WAITING, s.since))
+        self._remove(victim)
+        victim.close()  # under the lock: its descriptor is not closed (and reused) meanwhile
+        return victim
+
+    def _remove(self, slot):
+        if slot in self._held:
+            self._held.discard(slot)
+            self._per_client[slot.client] -= 1
+            if not self._per_client[slot.client]:
+                del self._per_client[slot.client]
+            self._changed.notify_all()
+
+    def release(self, slot):
+        with self._changed:
+            self._remove(slot)
+
+    def close_overdue(self, now):
+        with self._changed:
+            for slot in self._held:
+                if slot.deadline < now:
+                    slot.close()
+
+    def hurry_waiting(self, seconds):
+        """On stop: a waiting connection has at most SECONDS more."""
+        with self._changed:
+            for slot in self._held:
+                if slot.state in WAITING:
+                    slot.deadline = min(slot.deadline, time.monotonic() + seconds)
+
+    def wait_for_change(self, timeout):
+        with self._changed:
+            self._changed.wait(timeout)
+
+
 _LOG_ESCAPES = {c: "\\x%02x" % c for c in [*range(0x20), *range(0x7f, 0xa0)]}
 _LOG_ESCAPES.update({ord('"'): '\\"', ord("\\"): "\\\\"})
 _quoted = json.JSONEncoder().encode  # "...", escaped: one safe token in a log line
 
 
 class RequestHandler(socketserver.StreamRequestHandler):
-    """One connection: each request read whole (its head by parse_head, its
-    body by Content-Length), answered in one write, while the client keeps
-    the connection. The Slot says what it is doing; the server holds it to
-    its deadlines."""
+    """One connection: each request read whole (its head by parse_head, its body
+    by Content-Length) and answered in one write, while the client keeps the
+    connection. Its Slot says what it does; the server holds it to deadlines."""
 
     rbufsize = 0  # each read is one recv(), into the handler's own buffer
     disable_nagle_algorithm = True  # pipelined answers are not held back
@@ -1823,15 +1896,24 @@ class RequestHandler(socketserver.StreamRequestHandler):
 
 # ---------------------------------------------------------------- connections: the server
 
-class IssuerServer(ThreadingHTTPServer):
-    """The listening socket and the connections, a thread each: admission
-    within --max-connections, deadlines, and the drain on stop. What they are
-    answered with is self.service's.
+_said_at = {}
 
-    When every slot is taken, room is made at the expense of the client
-    address holding the most: its longest-waiting connection, else its
-    slowest, is closed; a newcomer from an address that already holds the
-    most may only replace a waiting connection of its own, else gets a 503."""
+
+def now_and_then(what, message, *args):
+    """A warning that a flood of the same event makes once in 10 s, not once each."""
+    if time.monotonic() - _said_at.get(what, -10.0) >= 10:
+        _said_at[what] = time.monotonic()
+        log.warning(message + " (said at most every 10 s)", *args)
+
+
+TOO_BUSY = HTTPError(503, "temporarily_unavailable", "too many connections",
+                     headers=[("Retry-After", "1")])
+
+
+class IssuerServer(ThreadingHTTPServer):
+    """The listening socket, and a thread per connection, each holding one of
+    the Slots: admission, deadlines, and the drain on stop. What connections
+    are answered with is self.service's."""
 
     daemon_threads = True
     block_on_close = False  # drain() waits for requests in flight, with a deadline
@@ -1843,24 +1925,14 @@ class IssuerServer(ThreadingHTTPServer):
 
     def __init__(self, address, max_connections):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        self.max_connections = max_connections
+        self.slots = Slots(max_connections)
         self.stopping = False
-        self._slots = {}  # the socket accepted -> its Slot
-        self._per_client = {}  # client key -> slots held
-        self._changed = threading.Condition()
         self._next_check = 0.0
-        self._refused, self._refusals_logged_at, self._descriptors_logged_at = 0, 0.0, 0.0
         super().__init__(address, RequestHandler)
 
-    def server_bind(self):
-        # HTTPServer.server_bind also calls socket.getfqdn(): a DNS lookup that
-        # can stall start-up for seconds. The name is not used.
+    def server_bind(self):  # not HTTPServer's: its getfqdn() can stall start-up for seconds
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
-
-    @property
-    def open_connections(self):
-        return len(self._slots)
 
     @property
     def url(self):
@@ -1871,53 +1943,51 @@ class IssuerServer(ThreadingHTTPServer):
     def get_request(self):
         try:
             request, client_address = self.socket.accept()
-            request.setblocking(True)  # a non-blocking listener's may not be, everywhere
-            return request, client_address
         except OSError as error:
             if error.errno in (errno.EMFILE, errno.ENFILE):
-                # Out of descriptors: the listener stays readable, so without a
-                # pause this loop would spin. Connections closing free some.
-                now = time.monotonic()
-                if now - self._descriptors_logged_at >= 10:
-                    self._descriptors_logged_at = now
-                    log.error("cannot accept connections: %s; %d open; raise ulimit -n or "
-                              "lower --max-connections", error.strerror, len(self._slots))
+                # The listener stays readable: without a pause, this loop would spin.
+                now_and_then("descriptors", "cannot accept connections: %s; raise ulimit -n "
+                             "or lower --max-connections", error.strerror)
                 time.sleep(TICK_SECONDS)
             raise
+        request.setblocking(True)  # not inherited from a non-blocking listener everywhere
+        return request, client_address
 
     def process_request(self, request, client_address):
-        """On the accepting thread: admit the connection, or refuse it with a 503."""
-        client, tls_context = client_key(client_address[0]), self.service.issuer.tls_context
+        """On the accepting thread: a slot and a thread for the connection, or a 503."""
+        tls_context = self.service.issuer.tls_context
         if tls_context is not None:
             try:  # no I/O yet: the handshake is the connection thread's
                 request = tls_context.wrap_socket(request, server_side=True,
                                                   do_handshake_on_connect=False)
             except (OSError, ValueError):
                 return self.shutdown_request(request)
-        with self._changed:
-            if len(self._slots) >= self.max_connections and not self._make_room(client):
-                slot = None
-            else:
-                slot = Slot(request, client, IDLE if tls_context is None else HANDSHAKE,
-                            STOP_GRACE_SECONDS if self.stopping else
-                            self.idle_timeout if tls_context is None else self.request_timeout)
-                self._slots[request] = slot
-                self._per_client[client] = self._per_client.get(client, 0) + 1
-        if slot is None:
-            return self._refuse(request, tls=tls_context is not None)
+        slot = Slot(request, client_key(client_address[0]), *(
+            (IDLE, self.idle_timeout) if tls_context is None else (HANDSHAKE, self.request_timeout)))
+        evicted = self.slots.admit(slot)
+        if evicted is None:
+            self.service.metrics.count("connections_refused_total")
+            now_and_then("refused", "refused a connection: all %d slots hold requests in "
+                         "progress", self.slots.limit)
+            if tls_context is None:  # over TLS, a 503 cannot be read before a handshake
+                with contextlib.suppress(OSError):
+                    request.setblocking(False)  # never wait on the accepting thread
+                    request.send(render_answer(*error_answer(TOO_BUSY), "close",
+                                               http_date(time.time())))
+            return self.shutdown_request(request)
+        if evicted is not slot:
+            self.service.metrics.count("connections_evicted_total")
         try:
-            threading.Thread(target=self.process_request_thread, args=(
-                request, client_address, slot), daemon=True).start()
+            threading.Thread(target=self.process_request_thread,
+                             args=(request, client_address, slot), daemon=True).start()
         except BaseException:  # no thread started: nothing else will release the slot
-            self._release(request)
+            self.slots.release(slot)
             self.shutdown_request(request)
             raise
 
     def process_request_thread(self, request, client_address, slot):
         try:
-            if slot.state == HANDSHAKE:
-                # On this thread: on the accepting one, a client that never
-                # finishes its handshake would stall them all.
+            if slot.state == HANDSHAKE:  # here: on the accepting thread, one would stall all
                 try:
                     request.do_handshake()
                 except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
@@ -1928,96 +1998,36 @@ class IssuerServer(ThreadingHTTPServer):
         except OSError:
             pass  # the client went away during the handler's setup
         except Exception:
-            self.handle_error(request, client_address)
+            log.exception("error on a connection from %s", client_address[0])
         finally:
-            self._release(request)  # first: once closed, its descriptor may be reused
+            self.slots.release(slot)  # first: once closed, its descriptor may be reused
             self.shutdown_request(request)
-
-    def _make_room(self, client):
-        """Close a connection so that CLIENT's new one fits; False if none may go."""
-        counts = self._per_client
-        most = max(counts.values())
-        if counts.get(client, 0) >= most:  # it holds the most itself: only its own waiting ones
-            candidates = [s for s in self._slots.values()
-                          if s.client == client and s.state in WAITING]
-        else:  # RFC 9112 §9.8: a server may close an idle connection at any time
-            candidates = [s for s in self._slots.values()
-                          if counts[s.client] == most and s.state != WORKING]
-        if not candidates:
-            return False
-        victim = min(candidates, key=lambda s: (s.state not in WAITING, s.since))
-        self._release(next(k for k, s in self._slots.items() if s is victim))
-        victim.close()
-        self.service.metrics.count("connections_evicted_total")
-        return True
-
-    def _refuse(self, request, tls):
-        self.service.metrics.count("connections_refused_total")
-        self._refused += 1
-        now = time.monotonic()
-        if now - self._refusals_logged_at >= 10:  # a flood of refusals is one line in 10 s
-            log.warning("refused %d connections in 10s: %d open, the most --max-connections "
-                        "allows", self._refused, self.max_connections)
-            self._refused, self._refusals_logged_at = 0, now
-        if not tls:  # over TLS the 503 cannot be read before a handshake: just close
-            answer = render_answer(*error_answer(HTTPError(
-                503, "temporarily_unavailable", "too many connections",
-                headers=[("Retry-After", "1")])), "close", http_date(time.time()))
-            try:
-                request.setblocking(False)  # never wait on the accepting thread
-                request.send(answer)
-            except OSError:
-                pass
-        self.shutdown_request(request)
-
-    def _release(self, request):
-        with self._changed:
-            slot = self._slots.pop(request, None)
-            if slot is not None:
-                self._per_client[slot.client] -= 1
-                if not self._per_client[slot.client]:
-                    del self._per_client[slot.client]
-                self._changed.notify_all()
 
     def service_actions(self):
         """Between accepts, each TICK_SECONDS: close connections past their deadline."""
         now = time.monotonic()
         if now >= self._next_check:
             self._next_check = now + TICK_SECONDS
-            with self._changed:
-                for slot in self._slots.values():
-                    if slot.deadline < now:
-                        slot.close()
+            self.slots.close_overdue(now)
 
     def drain(self, timeout):
-        """After serve_forever() returns: accept what is queued, close the
-        listener, give waiting connections STOP_GRACE_SECONDS to bring one
-        last request, and let requests in flight finish, for at most TIMEOUT
-        seconds. Every answer from now on says Connection: close."""
+        """After serve_forever(): serve what the kernel queued (not reset it), close
+        the listener, give waiting connections STOP_GRACE_SECONDS to bring one
+        last request, let requests in flight finish; for at most TIMEOUT seconds."""
         self.stopping = True
         self.socket.setblocking(False)
-        while True:  # what the kernel accepted for us is answered, not reset
+        while True:
             try:
-                request, client_address = self.get_request()
+                self.process_request(*self.get_request())
             except OSError:
                 break
-            self.process_request(request, client_address)
         self.socket.close()
+        self.slots.hurry_waiting(STOP_GRACE_SECONDS)  # and the ones just accepted
         deadline = time.monotonic() + timeout
-        with self._changed:
-            for slot in self._slots.values():
-                if slot.state in WAITING:
-                    slot.deadline = min(slot.deadline, time.monotonic() + STOP_GRACE_SECONDS)
-        while True:
-            self._next_check = 0.0
-            self.service_actions()
-            with self._changed:
-                if not self._slots or time.monotonic() >= deadline:
-                    return not self._slots
-                self._changed.wait(TICK_SECONDS)
-
-    def handle_error(self, request, client_address):
-        log.exception("error on a connection from %s", client_address[0])
+        while len(self.slots) and time.monotonic() < deadline:
+            self.slots.close_overdue(time.monotonic())
+            self.slots.wait_for_change(TICK_SECONDS)
+        return not len(self.slots)
 
 
 # ---------------------------------------------------------------- processes: logging
