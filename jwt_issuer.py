@@ -39,7 +39,6 @@ import contextlib
 import email.utils
 import errno
 import ipaddress
-import itertools
 import json
 import logging
 import math
@@ -988,32 +987,20 @@ def read_file(path, what, limit):
     """(bytes, mode) of a regular file of at most LIMIT bytes; else ConfigError.
     Opened without blocking, so that a FIFO or a device at the path cannot
     hang the read (and with it a reload, or the stop after it)."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+        with open(path, "rb", opener=lambda name, _: os.open(name, flags)) as file:
+            mode = os.fstat(file.fileno()).st_mode
+            if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):  # a directory: EISDIR below
+                raise ConfigError("%s %s is not a regular file" % (what, path))
+            data = file.read(limit + 1)
     except FileNotFoundError:
         raise ConfigError("%s %s does not exist" % (what, path)) from None
     except OSError as error:
         raise ConfigError("cannot read %s %s: %s" % (what, path, error.strerror or error)) from None
-    try:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
-            raise ConfigError("cannot read %s %s: Is a directory" % (what, path))
-        if not stat.S_ISREG(mode):
-            raise ConfigError("%s %s is not a regular file" % (what, path))
-        chunks, size = [], 0
-        while size <= limit:
-            chunk = os.read(fd, limit + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        if size > limit:
-            raise ConfigError("%s %s is over %d bytes" % (what, path, limit))
-        return b"".join(chunks), mode
-    except OSError as error:
-        raise ConfigError("cannot read %s %s: %s" % (what, path, error.strerror or error)) from None
-    finally:
-        os.close(fd)
+    if len(data) > limit:
+        raise ConfigError("%s %s is over %d bytes" % (what, path, limit))
+    return data, mode
 
 
 def write_new_file(path, data):
@@ -1281,24 +1268,6 @@ def load_issuer(config, previous=None):
 
 # ---------------------------------------------------------------- the endpoints
 
-class TokenIds:
-    """jti values (RFC 7519 §4.1.7: unique, "negligible probability" of a
-    repeat): 96 random bits for this process, then a counter. A forked worker
-    draws bits of its own, or two workers would hand out the same ids."""
-
-    def __init__(self):
-        self._start()
-        if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=self._start)
-
-    def _start(self):
-        self._prefix = b64url_encode(os.urandom(12))  # 16 characters, so prefix and count
-        self._count = itertools.count()  # cannot run into each other
-
-    def __call__(self):
-        return "%s%x" % (self._prefix, next(self._count))  # next() on a count is atomic
-
-
 def client_key(address):
     """What a client is counted by: the address, or an IPv6 address's /64,
     which one client can otherwise walk through."""
@@ -1390,14 +1359,12 @@ class Request(NamedTuple):
 
 class Service:
     """What the endpoints share: the Issuer in use, replaced whole by
-    reload(), and what lasts across reloads: the guess limiter, token ids,
-    metrics."""
+    reload(), and what lasts across reloads: the guess limiter, metrics."""
 
     def __init__(self, issuer, metrics):
         self.issuer = issuer
         self.metrics = metrics
         self.limiter = FailureLimiter()
-        self.token_ids = TokenIds()
         self._reload_lock = threading.Lock()
 
     def reload(self):
@@ -1473,8 +1440,9 @@ def issue_token(request):
     sub = authenticated or name
     issuer, service = request.issuer, request.service
     config, keys = issuer.config, issuer.keys
+    # RFC 7519 §4.1.7: a jti with a "negligible probability" of a repeat: 96 random bits
     claims = make_claims(sub, issuer=config.issuer, audience=config.audience, ttl=config.ttl,
-                         now=int(time.time()), jti=service.token_ids())
+                         now=int(time.time()), jti=b64url_encode(os.urandom(12)))
     token = keys.sign(claims)
     service.metrics.token_issued()
     log_line(logging.INFO, "issued sub=%s kid=%s jti=%s exp=%d", _quoted(sub), keys.kid,
@@ -2276,8 +2244,7 @@ def supervise(server, service, count, ready):
                 break
             number, started = workers.pop(pid)
             if stopping_since is None:
-                code = os.waitstatus_to_exitcode(status) if hasattr(
-                    os, "waitstatus_to_exitcode") else -(status & 0x7f) or status >> 8
+                code = os.waitstatus_to_exitcode(status)
                 how = "was killed by signal %d" % -code if code < 0 else "exited with status %d" % code
                 log.error("worker %d (pid %d) %s; starting another", number, pid, how)
                 restarts[number] = max(time.monotonic(), started + RESTART_DELAY_SECONDS)
