@@ -1217,31 +1217,32 @@ class Issuer:
 
 
 def load_issuer(config, previous=None):
-    """(Issuer, whether its key file loaded) for CONFIG, from its files. At
-    start (no PREVIOUS) a bad file is a ConfigError; on a reload each bad file
-    keeps what PREVIOUS had, and the log says why."""
+    """(Issuer, what was reloaded, whether the key file loaded) for CONFIG, from
+    its files. At start (no PREVIOUS) a bad file is a ConfigError; on a reload
+    each bad file keeps what PREVIOUS had, and the log says why. What was
+    reloaded is for the log once the Issuer is in use: a line read there is true."""
+    reloaded = []
+
     def keys():
         if previous is None:
             return obtain_keys(config)
         loaded = load_keyset(config.key_path)
-        log.info("reloaded keys from %s: signing with kid %s, publishing %s",
-                 config.key_path, loaded.kid, ", ".join(loaded.kids))
+        reloaded.append("reloaded keys from %s: signing with kid %s, publishing %s"
+                        % (config.key_path, loaded.kid, ", ".join(loaded.kids)))
         return loaded
 
     def users():
         if config.auth_file is None:
             return None
         loaded = Users(load_users(config.auth_file))
-        if previous is not None:
-            log.info("reloaded %d users from %s", len(loaded.hashes), config.auth_file)
+        reloaded.append("reloaded %d users from %s" % (len(loaded.hashes), config.auth_file))
         return loaded
 
     def tls_context():
         if config.tls_cert is None:
             return None
         loaded = load_tls_context(config)
-        if previous is not None:
-            log.info("reloaded the TLS certificate %s", config.tls_cert)
+        reloaded.append("reloaded the TLS certificate %s" % config.tls_cert)
         return loaded
 
     parts, keys_loaded = {}, True
@@ -1263,7 +1264,7 @@ def load_issuer(config, previous=None):
                 log.error("%s: %s", kept(), error)
             else:  # not the file's fault: a fault of ours, to be seen and fixed
                 log.error("%s: %s", kept(), error, exc_info=True)
-    return Issuer.build(config, **parts), keys_loaded
+    return Issuer.build(config, **parts), reloaded, keys_loaded
 
 
 # ---------------------------------------------------------------- the endpoints
@@ -1304,9 +1305,11 @@ class FailureLimiter:
         return ((address, user), (address,))
 
     def _level(self, key, rule, now):
+        # Guesses race to the lock: one whose clock was read earlier may come
+        # later, and must not find the bucket below empty.
         allowed, refill_seconds = rule
         level, when = self._buckets.get(key, (allowed, now))
-        return min(allowed, level + (now - when) / refill_seconds)
+        return min(allowed, level + max(0.0, now - when) / refill_seconds), max(now, when)
 
     def take(self, address, user, now):
         """0 when a guess may go ahead (and is counted), else the whole seconds to wait."""
@@ -1314,11 +1317,11 @@ class FailureLimiter:
             keys = self._keys(address, user)
             levels = [self._level(key, rule, now) for key, rule in zip(keys, self._rules)]
             wait = max(math.ceil((1 - level) * rule[1]) if level < 1 else 0
-                       for level, rule in zip(levels, self._rules))
+                       for (level, _), rule in zip(levels, self._rules))
             if wait:
                 return wait
-            for key, level in zip(keys, levels):
-                self._buckets[key] = (level - 1, now)
+            for key, (level, when) in zip(keys, levels):
+                self._buckets[key] = (level - 1, when)
             if len(self._buckets) > self.MAX_BUCKETS:  # forget the oldest half
                 by_age = sorted(self._buckets, key=lambda k: self._buckets[k][1])
                 for old in by_age[:len(by_age) // 2]:
@@ -1328,7 +1331,8 @@ class FailureLimiter:
     def give_back(self, address, user, now):
         with self._lock:
             for key, rule in zip(self._keys(address, user), self._rules):
-                self._buckets[key] = (self._level(key, rule, now) + 1, now)
+                level, when = self._level(key, rule, now)
+                self._buckets[key] = (level + 1, when)
 
 
 def certificate_subject(connection):
@@ -1371,8 +1375,10 @@ class Service:
         """Read the key, auth and TLS files again (SIGHUP). Each bad one keeps
         what is in use, and the log says why."""
         with self._reload_lock:
-            self.issuer, keys_loaded = load_issuer(self.issuer.config, self.issuer)
+            self.issuer, reloaded, keys_loaded = load_issuer(self.issuer.config, self.issuer)
             self.metrics.reloaded(keys_loaded)
+            for line in reloaded:
+                log.info(line)
 
 
 CHALLENGE = ("WWW-Authenticate", 'Basic realm="%s", charset="UTF-8"' % REALM)  # RFC 7617 §2.1
@@ -2309,7 +2315,7 @@ def start_server(config):
                           % (config.host, config.port, error.strerror or error)) from None
     try:  # after the bind: a start that fails there makes no key file
         config = config.bound_to(server.server_address[1])
-        issuer, _ = load_issuer(config)
+        issuer, _, _ = load_issuer(config)
     except BaseException:
         server.server_close()
         raise
