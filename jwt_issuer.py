@@ -1799,8 +1799,9 @@ class RequestHandler(socketserver.StreamRequestHandler):
                 slot.enter(READING, server.request_timeout)
                 self.started = time.perf_counter()
             buffer += data
-            # a head can only end, or break a limit, on a new line or past the size limit
-            if b"\n" in data or len(buffer) > MAX_HEAD_BYTES:
+            # a head can only end, or break a limit, on a new line or as it grows past one
+            if b"\n" in data or any(len(buffer) - len(data) <= limit < len(buffer)
+                                    for limit in (MAX_REQUEST_LINE_BYTES, MAX_HEAD_BYTES)):
                 head = parse_head(buffer)
         del buffer[:head.size]
         self.head = head

@@ -2340,6 +2340,14 @@ class HostileTest(unittest.TestCase):
             self.assertLess(time.monotonic() - started, self.server.request_timeout + 1.5)
             self.assertLess(sent, len(post(BODY)))
 
+    def test_a_long_request_line_is_refused_as_soon_as_it_is_over_the_limit(self):
+        with socket.create_connection(self.server.server_address[:2], timeout=10) as sock:
+            sock.sendall(b"GET /" + b"a" * jwt_issuer.MAX_REQUEST_LINE_BYTES)  # and no line end
+            started = time.monotonic()
+            status, headers, _ = read_response(sock.makefile("rb"))
+            self.assertEqual((status, headers["Connection"]), (414, "close"))
+            self.assertLess(time.monotonic() - started, self.server.request_timeout / 2)
+
     def test_an_idle_connection_is_closed(self):
         self.assertAlmostEqual(self.stalled(b""), self.server.idle_timeout, delta=0.5)
 
