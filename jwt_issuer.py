@@ -2041,38 +2041,36 @@ class LogHandler(logging.Handler):
         if getattr(record, "held", False):
             self._held += line
             return
-        data, self._held = self._held + line, b""
-        if self._unfinished and not self._write(self._unfinished):
-            return self._drop(data)
+        lines, self._held = self._held + line, b""
+        if self._unfinished:  # the rest of a line cut short goes first, or nothing does
+            self._unfinished = self._write(self._unfinished)
+            if self._unfinished:
+                return self._drop(lines)
+        notice = b""
         if self._dropped:
-            lost = logging.makeLogRecord({"name": log.name, "levelno": logging.WARNING,
-                                          "levelname": "WARNING", "msg": "%d log lines were "
-                                          "lost: stderr would not take them",
-                                          "args": (self._dropped,)})
-            data = (self.format(lost) + "\n").encode("utf-8") + data
-        if self._write(data, whole=True):
-            self._dropped = 0
-        else:
-            self._drop(line)
+            notice = (self.format(logging.makeLogRecord({
+                "name": log.name, "levelno": logging.WARNING, "levelname": "WARNING",
+                "msg": "%d log lines were lost: stderr would not take them",
+                "args": (self._dropped,)})) + "\n").encode("utf-8")
+        rest = self._write(notice + lines)
+        if len(rest) == len(notice) + len(lines):  # the stream took none of it
+            return self._drop(lines)
+        self._unfinished, self._dropped = rest, 0
 
-    def _write(self, data, whole=False):
-        """Whether DATA went out. Nothing of it, when WHOLE and the stream took none."""
+    def _write(self, data):
+        """What of DATA the stream would not take: b"" when it took it all."""
         view = memoryview(data)
-        while view:
-            try:
+        try:
+            while view:
                 view = view[os.write(self.fd, view):]
-            except OSError:  # EAGAIN on a full non-blocking pipe; EPIPE
-                if whole and len(view) == len(data):
-                    return False
-                break
-        self._unfinished = bytes(view)
-        return not view
+        except OSError:  # EAGAIN from a full non-blocking pipe; EPIPE
+            pass
+        return bytes(view)
 
-    def _drop(self, data):
-        lines = data.count(b"\n")
-        self._dropped += lines
+    def _drop(self, lines):
+        self._dropped += lines.count(b"\n")
         if self.metrics is not None:
-            for _ in range(lines):
+            for _ in range(lines.count(b"\n")):
                 self.metrics.count("log_lines_dropped_total")
 
 
