@@ -51,6 +51,7 @@ import socket
 import socketserver
 import ssl
 import stat
+import struct
 import sys
 import threading
 import time
@@ -1871,6 +1872,34 @@ class RequestHandler(socketserver.StreamRequestHandler):
 
 # ---------------------------------------------------------------- connections: the server
 
+# A classic BPF socket filter for a listening TCP socket, which sees each
+# packet from its TCP header on: drop SYNs, keep the rest (the last ACK of a
+# handshake already under way among them).
+DROP_SYN = ((0x30, 0, 0, 13),  # ldb [13]: the TCP flags
+            (0x45, 0, 1, 0x02),  # jset #SYN: on to the next, else skip it
+            (0x06, 0, 0, 0),  # ret #0: drop
+            (0x06, 0, 0, 0xFFFFFFFF))  # ret #-1: keep
+
+
+def refuse_new_connections(listener):
+    """From now on LISTENER takes no new connection, while handshakes under way
+    complete and wait to be accepted: a client that comes now retries its SYN,
+    then finds the port closed (refused, nothing sent), instead of being
+    accepted in the moment before the close and then reset. On Linux, a
+    socket filter (SO_ATTACH_FILTER, which the kernel copies); elsewhere, the
+    moment stays."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        program = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *instruction)
+                                                       for instruction in DROP_SYN))
+        listener.setsockopt(socket.SOL_SOCKET, 26, struct.pack(
+            "HP", len(DROP_SYN), ctypes.addressof(program)))
+    except (ImportError, OSError) as error:
+        log.warning("new connections may be reset while stopping: %s", error)
+
+
 _said_at = {}
 
 
@@ -1985,13 +2014,18 @@ class IssuerServer(ThreadingHTTPServer):
             self._next_check = now + TICK_SECONDS
             self.slots.close_overdue(now)
 
-    def drain(self, timeout):
+    def drain(self, timeout, last=True):
         """After serve_forever(): serve what the kernel queued (not reset it), close
         the listener, give waiting connections STOP_GRACE_SECONDS to bring one
-        last request, let requests in flight finish; for at most TIMEOUT seconds."""
+        last request, let requests in flight finish; for at most TIMEOUT seconds.
+        LAST: no other process serves this listener on, so no new handshake may
+        complete between the last accept and the close."""
         self.stopping = True
+        if last:
+            refuse_new_connections(self.socket)
+            time.sleep(TICK_SECONDS)  # for handshakes under way to complete
         self.socket.setblocking(False)
-        while True:
+        for _ in range(LISTEN_BACKLOG):  # what was queued, not clients that keep coming
             try:
                 self.process_request(*self.get_request())
             except OSError:
@@ -2172,7 +2206,7 @@ def run_worker(server, service, lifeline=None, ready=None):
     if ready is not None:
         ready()
     server.serve_forever(poll_interval=TICK_SECONDS)
-    if not server.drain(DRAIN_TIMEOUT_SECONDS):
+    if not server.drain(DRAIN_TIMEOUT_SECONDS, last=lifeline is None):
         log.warning("stopping with requests still in flight after %ds", DRAIN_TIMEOUT_SECONDS)
     server.server_close()
     log.info("stopped")
@@ -2233,6 +2267,7 @@ def supervise(server, service, count, ready):
             if signum in STOP_SIGNALS and stopping_since is None:
                 stopping_since = time.monotonic()
                 restarts.clear()
+                refuse_new_connections(server.socket)  # the workers serve what was queued
                 server.server_close()
                 for pid in workers:
                     os.kill(pid, signal.SIGTERM)
@@ -2330,6 +2365,8 @@ def serve(config):
         log.warning("--workers %d: this platform has no fork(); serving with one process",
                     config.workers)
         config = replace(config, workers=1)
+    if config.workers > 1:
+        configure_logging("supervisor: ")  # every line of this process, from the first
     server, service = start_server(fit_descriptors(config))
     LogHandler.metrics = service.metrics
     issuer = service.issuer
@@ -2347,7 +2384,6 @@ def serve(config):
         print("listening on " + server.url, file=sys.stderr, flush=True)
 
     if config.workers > 1:
-        configure_logging("supervisor: ")
         return supervise(server, service, config.workers, ready)
     return run_worker(server, service, ready=ready)
 

@@ -393,7 +393,7 @@ def alive(pid):
     try:
         with open("/proc/%d/stat" % pid) as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone before, or while, it was read
         return False
 
 
@@ -427,6 +427,163 @@ class TempDirTestCase(unittest.TestCase):
     def replace_file(self, path, content):
         """Replace PATH whole, as an editor or a deployment does."""
         os.replace(self.write(os.path.basename(path) + ".new", content), path)
+
+
+class FastProcess(Process):
+    """A Process whose stderr collector acts the instant a line appears:
+    ON is a list of (regex, callback(process, match)), each called once, on
+    the collector thread, for the first line that matches, before the line is
+    queued for wait_for. Callbacks only act (send a signal, note pids); an
+    exception they raise is kept in callback_errors for the test to report."""
+
+    def __init__(self, *args, on=(), **kwargs):
+        self._on = [(re.compile(pattern), callback) for pattern, callback in on]
+        self.callback_errors = []
+        self.line_times = {}  # pattern -> time.monotonic() of its first line
+        super().__init__(*args, **kwargs)
+
+    def _collect(self):
+        fd, pending = self.proc.stderr.fileno(), b""
+        try:
+            while True:
+                data = os.read(fd, 65536)  # raw: a line is seen as soon as it is written
+                if not data:
+                    break
+                *lines, pending = (pending + data).split(b"\n")
+                for raw in lines:
+                    self._line(raw.decode("utf-8", "backslashreplace") + "\n")
+            if pending:
+                self._line(pending.decode("utf-8", "backslashreplace"))
+        finally:
+            self.proc.stderr.close()
+            self._queue.put(None)
+
+    def _line(self, line):
+        for i, (pattern, callback) in enumerate(self._on):
+            match = callback is not None and pattern.search(line)
+            if match:
+                self._on[i] = (pattern, None)
+                self.line_times[pattern.pattern] = time.monotonic()
+                try:
+                    callback(self, match)
+                except Exception as error:  # reported by the test, on its thread
+                    self.callback_errors.append(repr(error))
+        self.lines.append(line)
+        self._queue.put(line)
+
+
+class LifecycleTestCase(TempDirTestCase):
+    """Helpers for the lifecycle tests: fast reaction to a log line, the
+    CPU burners of a CI run, and pids of workers to clean up after."""
+
+    LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING|ERROR) ")
+    LOST_LINE = re.compile(r"^\S+ \S+ WARNING (\d+) log lines were lost: "
+                           r"stderr would not take them$")
+
+    def setUp(self):
+        super().setUp()
+        self.worker_pids = set()
+        self.addCleanup(self._kill_leftover_workers)  # runs after each server is stopped
+
+    def _kill_leftover_workers(self):
+        # A worker its supervisor left behind (a failing test on an old
+        # module): SIGKILL by pid, only if it still runs this test's command.
+        for pid in self.worker_pids:
+            try:
+                with open("/proc/%d/cmdline" % pid, "rb") as f:
+                    mine = self.dir.encode() in f.read()
+            except OSError:
+                continue
+            if mine and alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+    def busy(self):
+        """Both cores busy, as in CI (JWT_ISSUER_STARTS >= 20): races show."""
+        if STARTS >= 20:
+            self.addCleanup(cpu_burners())
+
+    def start_fast(self, *args, on=(), **kwargs):
+        """self.start(ARGS) with FastProcess; ready at the listening line."""
+        process = FastProcess(*(args if "--port" in args else ("--port", "0") + args),
+                              on=on, **kwargs)
+        self.addCleanup(process.kill)
+        return process.started()
+
+    def finish(self, process, timeout=15):
+        """Wait for PROCESS to exit (no signal sent): its exit status, its log
+        complete; a failure, with the log, if it runs on past TIMEOUT."""
+        try:
+            code = process.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.fail("still running %ss on; log:\n%s" % (timeout, process.log))
+        process.proc.stdout.close()
+        process._collector.join(10)
+        return code
+
+    def until(self, condition, process, timeout=10, what="condition"):
+        """eventually(), failing with the server's log and exit status; no
+        longer than it takes to see that the process is gone, log and all."""
+        gone = lambda: process.proc.poll() is not None and not process._collector.is_alive()
+        try:
+            eventually(lambda: condition() or gone(), timeout)
+        except AssertionError:
+            pass
+        if not condition():
+            self.fail("%s not met in %ss (exit status %s); log:\n%s"
+                      % (what, timeout, process.proc.poll(), process.log))
+
+    def workers_of(self, process):
+        """The pids its "N workers serving: pids ..." line names (the log has it)."""
+        pattern = r"workers serving: pids ([\d, ]+)\n"
+        self.until(lambda: re.search(pattern, process.log), process, what="the workers' pids")
+        match = re.search(pattern, process.log)
+        pids = [int(pid) for pid in match.group(1).split(",")]
+        self.worker_pids.update(pids)
+        return pids
+
+    def live_children(self, process):
+        try:
+            return [pid for pid in process.children() if alive(pid)]
+        except OSError:  # the supervisor is gone
+            return []
+
+
+    @staticmethod
+    def refused(port):
+        """Whether nothing listens on 127.0.0.1:PORT any more."""
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        except ConnectionRefusedError:
+            return True
+        except OSError:  # a reset, a timeout: something still holds the port
+            return False
+        return False
+
+
+    @staticmethod
+    def post_token(url, headers=None, name=None):
+        """(status, token or body) for a POST /auth/token on a new connection."""
+        body = b"" if name is None else json_bytes({"name": name})
+        response = requests.post(url + "/auth/token", data=body, timeout=10, headers=dict(
+            JSON_HEADERS if name is not None else {}, **(headers or {})))
+        return response.status_code, response.text
+
+
+    @staticmethod
+    def token_servers(process, mark):
+        """The worker numbers whose access lines (item 32's "worker N: " tag) show
+        a token issued since line MARK of PROCESS's log: who answered."""
+        return {int(match.group(1)) for match in (re.search(
+            r'INFO worker (\d+): \S+ "POST /auth/token HTTP/1.1" 200 ', line)
+            for line in process.lines[mark:]) if match}
+
+    @staticmethod
+    def one_request_kept(connection, method, path, body=None, headers=None):
+        """One request on a keep-alive CONNECTION, left open: (status, headers, body)."""
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, response.headers, response.read()
 
 
 def token_load(url, clients, seconds, results, stop=None, source="127.0.0.1"):
@@ -3979,6 +4136,595 @@ class WorkersTest(TempDirTestCase):
 
         process.wait_for("worker [12]: the supervising process is gone; stopping")
         eventually(lambda: not any(alive(pid) for pid in workers), timeout=5)
+
+
+# ---------------------------------------------------------------- processes: signals, workers, the drain, the log
+# Each class pins down one item of the faults issue (its number in the class
+# docstring); the loops run STARTS times, with both cores busy when STARTS >= 20.
+
+
+class ReadyBeforeArmedTest(LifecycleTestCase):
+    """Item 1, ready before armed: "listening on" is printed only once every
+    signal handler is in place, in the single process, in the supervisor of
+    --workers and in every worker, so a signal sent the instant the line
+    appears is handled (a reload, a graceful stop), never a default death
+    (SIGHUP kills, SIGTERM exits with -15). The signal is sent from the stderr
+    collector the moment it reads the line."""
+
+    def test_1a_sighup_at_the_listening_line_reloads_and_the_process_serves_on(self):
+        """Item 1 (a): single process, STARTS starts, SIGHUP at the listening line."""
+        self.busy()
+        key = self.key_file()
+        for start in range(STARTS):
+            with self.subTest(start=start):
+                process = self.start_fast("--key", key, on=[(
+                    r"^listening on ", lambda p, m: p.proc.send_signal(signal.SIGHUP))])
+                self.assertEqual(process.callback_errors, [])
+                self.until(lambda: "reloaded keys from" in process.log, process,
+                           what="a reload after the SIGHUP at the listening line")
+                self.assertEqual(process.get("/healthz").status_code, 200)
+                self.assertEqual(process.stop(), 0, process.log)
+
+    def test_1b_sigterm_at_the_listening_line_is_a_graceful_stop(self):
+        """Item 1 (b): SIGTERM at the listening line exits 0 (never -15): one
+        process and --workers 2, STARTS starts each."""
+        self.busy()
+        key = self.key_file()
+        for workers in ("1", "2"):
+            for start in range(STARTS):
+                with self.subTest(workers=workers, start=start):
+                    process = self.start_fast("--key", key, "--workers", workers, on=[(
+                        r"^listening on ", lambda p, m: p.proc.send_signal(signal.SIGTERM))])
+                    code = self.finish(process)
+                    self.assertEqual(process.callback_errors, [])
+                    self.assertEqual(code, 0, process.log)
+                    self.assertRegex(process.log, r"INFO (supervisor: )?stopped\n")
+                    self.assertNotIn("killed by signal", process.log)
+
+    def test_1c_sighup_at_the_listening_line_to_the_whole_group_with_4_workers(self):
+        """Item 1 (c): --workers 4 in a session of its own; at the listening
+        line SIGHUP to the supervisor and to the whole process group (as a
+        terminal hangup or `kill -HUP -PGID` does). No worker may be killed by
+        it: the same 4 workers live on and each issues tokens, the reloads
+        are logged (5 at least: supervisor and workers), and SIGTERM then
+        exits 0."""
+        self.busy()
+        key = self.key_file()
+
+        def hang_up(process, match):
+            os.kill(process.proc.pid, signal.SIGHUP)
+            os.killpg(process.proc.pid, signal.SIGHUP)
+
+        for start in range(STARTS):
+            with self.subTest(start=start):
+                process = self.start_fast("--key", key, "--workers", "4",
+                                          on=[(r"^listening on ", hang_up)],
+                                          start_new_session=True)
+                self.assertEqual(process.callback_errors, [])
+                # each of the 5 processes reloads at least once
+                self.until(lambda: process.log.count("reloaded keys from") >= 5, process,
+                           what="5 reloads after the SIGHUPs")
+                workers = self.workers_of(process)
+                self.assertEqual(len(workers), 4)
+                self.assertNotIn("killed by signal", process.log)
+                self.assertEqual(sorted(self.live_children(process)), sorted(workers),
+                                 process.log)
+                # all four serve: each logs a token it issued (tried up to 400 times)
+                mark, tries = len(process.lines), 0
+                while self.token_servers(process, mark) != {1, 2, 3, 4} and tries < 400:
+                    process.token()
+                    tries += 1
+                self.until(lambda: self.token_servers(process, mark) == {1, 2, 3, 4}, process,
+                           timeout=2, what="tokens from all 4 workers")
+                self.assertNotIn("killed by signal", process.log)
+                self.assertEqual(process.stop(), 0, process.log)
+
+
+# ---------------------------------------------------------------- item 2
+
+class ReplacementWorkerTest(LifecycleTestCase):
+    """Item 2, replacement workers serve the present: a worker started in
+    place of a dead one is forked from the supervisor, so the supervisor must
+    reload on SIGHUP too, or the replacement signs with the key (and admits
+    the users) of the start."""
+
+    def test_a_worker_started_after_a_reload_signs_with_the_new_key_and_new_users(self):
+        """Item 2: after SIGHUP (new key first, old one published after it;
+        bob removed) a worker is killed; its replacement, like the survivor,
+        signs only with the new kid, refuses bob, and publishes the new kid
+        first."""
+        self.busy()
+        old, new = new_key(), new_key()
+        old_kid, new_kid = private_jwk(old)["kid"], private_jwk(new)["kid"]
+        key = self.key_file(old)
+        users = self.write("users", "%s\n%s\n" % (hash_file_line("alice", "alice-pw"),
+                                                  hash_file_line("bob", "bob-pw")))
+        alice = {"Authorization": basic("alice", "alice-pw")}
+        bob = {"Authorization": basic("bob", "bob-pw")}
+        process = self.start("--key", key, "--auth-file", users, "--workers", "2")
+        workers = self.workers_of(process)
+        for _ in range(4):  # both are good at the start (and bob's password is remembered)
+            self.assertEqual(self.post_token(process.url, alice)[0], 200)
+            self.assertEqual(self.post_token(process.url, bob)[0], 200)
+
+        self.replace_file(key, {"keys": [private_jwk(new), public_jwk(old.public_key())]})
+        self.replace_file(users, hash_file_line("alice", "alice-pw") + "\n")
+        process.proc.send_signal(signal.SIGHUP)
+        for _ in range(3):  # the supervisor and both workers
+            process.wait_for("reloaded keys from %s: signing with kid %s" % (key, new_kid))
+
+        victim = workers[0]
+        os.kill(victim, signal.SIGKILL)
+        process.wait_for(r"\(pid %d\) was killed by signal 9; starting another" % victim)
+        self.until(lambda: len(self.live_children(process)) == 2
+                   and victim not in self.live_children(process), process,
+                   what="a replacement worker")
+        self.worker_pids.update(self.live_children(process))
+
+        # 40 tokens at least, and until both workers (the survivor and the
+        # replacement, told apart by their log tags) have answered
+        mark, count = len(process.lines), 0
+        while count < 40 or (self.token_servers(process, mark) != {1, 2} and count < 400):
+            status, token = self.post_token(process.url, alice)
+            self.assertEqual(status, 200, token)
+            kid = segments(token)[0]["kid"]
+            self.assertEqual(kid, new_kid, "token %d signed with %s kid" % (
+                count, "the old" if kid == old_kid else "an unknown"))
+            count += 1
+        self.until(lambda: self.token_servers(process, mark) == {1, 2}, process, timeout=2,
+                   what="tokens from both workers, the replacement too")
+        bob_statuses = [self.post_token(process.url, bob)[0] for _ in range(10)]
+        self.assertEqual(bob_statuses, [401] * 10)
+        firsts = [process.get("/auth/jwks").json()["keys"][0]["kid"] for _ in range(10)]
+        self.assertEqual(firsts, [new_kid] * 10)
+        self.assertEqual(process.stop(), 0, process.log)
+
+
+# ---------------------------------------------------------------- item 3
+
+class OrphanedWorkerTest(LifecycleTestCase):
+    """Item 3, orphans: a worker whose supervisor dies (SIGKILL, the OOM
+    killer) must stop, or it holds the port with no one to stop or replace
+    it, and a restarted issuer cannot bind."""
+
+    def test_workers_stop_within_3s_when_the_supervisor_is_killed_at_its_listening_line(self):
+        """Item 3: SIGKILL to the supervisor at its listening line, STARTS
+        times: both workers (there at that line) gone within 3 s, port refused."""
+        self.busy()
+        key = self.key_file()
+
+        def kill_supervisor(process, match):
+            process.workers_at_listening = process.children()
+            os.kill(process.proc.pid, signal.SIGKILL)
+
+        for start in range(STARTS):
+            with self.subTest(start=start):
+                process = self.start_fast("--key", key, "--workers", "2",
+                                          on=[(r"^listening on ", kill_supervisor)])
+                self.assertEqual(process.callback_errors, [])
+                workers = process.workers_at_listening
+                self.worker_pids.update(workers)
+                self.assertEqual(len(workers), 2, "workers at the listening line: %s; log:\n%s"
+                                 % (workers, process.log))
+                self.until(lambda: not any(alive(pid) for pid in workers), process,
+                           timeout=3, what="the orphaned workers %s gone" % workers)
+                self.assertTrue(self.refused(process.port))
+
+    def test_workers_stop_when_the_supervisor_is_killed_as_it_forks_them(self):
+        """The supervisor killed the moment /proc shows its first child, before
+        its listening line: a worker forked then, perhaps still setting up
+        (and unable to learn who its supervisor was), must not keep the port.
+        STARTS times (the issue asks once; the race needs a few tries)."""
+        self.busy()
+        key = self.key_file()
+        for start in range(STARTS):
+            port = free_port()
+            process = FastProcess("--port", str(port), "--key", key, "--workers", "2")
+            self.addCleanup(process.kill)
+            children = "/proc/%d/task/%d/children" % (process.proc.pid, process.proc.pid)
+            fd = os.open(children, os.O_RDONLY)  # opened once, read again and again: fast
+            try:
+                seen, deadline = [], time.monotonic() + 10
+                while not seen and time.monotonic() < deadline and process.proc.poll() is None:
+                    seen = [int(pid) for pid in os.pread(fd, 4096, 0).split()]
+                os.kill(process.proc.pid, signal.SIGKILL)
+            finally:
+                os.close(fd)
+            self.worker_pids.update(seen)
+            self.assertTrue(seen, "start %d: no worker appeared; log:\n%s" % (start, process.log))
+            self.assertEqual(process.proc.wait(10), -signal.SIGKILL)
+            self.until(lambda: self.refused(port) and not any(alive(pid) for pid in seen),
+                       process, timeout=3, what="start %d: port %d refused and workers %s gone"
+                       % (start, port, seen))
+
+
+# ---------------------------------------------------------------- item 4
+
+class RestartBackoffTest(LifecycleTestCase):
+    """Item 4, SIGTERM during the restart back-off: a worker that dies within
+    1 s of its start is started again only after a 1 s back-off; a SIGTERM to
+    the supervisor in that second must stop it at once (exit 0), and no
+    worker may be started after the SIGTERM."""
+
+    def test_sigterm_during_the_restart_backoff_exits_0_at_once_and_starts_no_worker(self):
+        """Item 4: a worker SIGKILLed the moment the pids are logged, then
+        SIGTERM once the supervisor has logged its death: exit 0 within 2 s,
+        and no pid but the survivor's ever appears among its children."""
+        self.busy()
+        key = self.key_file()
+
+        def kill_a_worker(process, match):  # the first moment its pids are known
+            process.started_workers = [int(pid) for pid in match.group(1).split(",")]
+            os.kill(process.started_workers[0], signal.SIGKILL)
+
+        in_backoff = 0
+        for start in range(STARTS):
+            where = "start %d: " % start
+            process = self.start_fast("--key", key, "--workers", "2", on=[(
+                r"workers serving: pids ([\d, ]+)", kill_a_worker)])
+            process.wait_for(r"was killed by signal 9; starting another")
+            signalled = time.monotonic()
+            process.proc.send_signal(signal.SIGTERM)
+            self.assertEqual(process.callback_errors, [])
+            workers = process.started_workers
+            self.worker_pids.update(workers)
+            if signalled - process.line_times[r"workers serving: pids ([\d, ]+)"] < 0.9:
+                in_backoff += 1  # else too slow to be sure the back-off was still on
+            seen = set()
+            while process.proc.poll() is None and time.monotonic() - signalled < 3:
+                seen.update(self.live_children(process))  # any pid the supervisor forks
+                self.worker_pids.update(seen)
+                time.sleep(0.002)
+            elapsed = time.monotonic() - signalled
+            code = process.proc.poll()
+            self.assertLessEqual(seen, set(workers[1:]), where + "workers started after the "
+                                 "SIGTERM: %s; log:\n%s" % (sorted(seen - set(workers)),
+                                                             process.log))
+            self.assertIsNotNone(code, where + "still running 3 s after SIGTERM; log:\n"
+                                 + process.log)
+            self.finish(process)
+            self.assertEqual(code, 0, where + process.log)
+            self.assertLess(elapsed, 2, where + process.log)
+        self.assertGreater(in_backoff, 0, "no SIGTERM came within the back-off")
+
+
+# ---------------------------------------------------------------- item 5
+
+class ThreadTagged(list):
+    """A results list for token_load that notes which client thread added each."""
+
+    def append(self, item):
+        super().append((threading.current_thread().name, item))
+
+
+class DrainUnderLoadTest(LifecycleTestCase):
+    """Item 5, the drain: a SIGTERM under load answers every request the
+    server read. With 32 keep-alive clients asking for tokens, the only error
+    a client may see is ConnectionRefusedError (the door shut): no reset, no
+    empty reply, no cut answer; the connections the server ends it ends with
+    an answer that says Connection: close; exit 0. STARTS times, against one
+    process and against --workers 2."""
+
+    CLIENTS = 32
+
+    def test_sigterm_under_32_keep_alive_clients_answers_every_request_it_read(self):
+        """Item 5: SIGTERM under 32 keep-alive token clients, 1 process and
+        --workers 2, STARTS times each: no client error but a refused
+        connection, every answer whole, exit 0 within the drain time."""
+        self.busy()
+        key = self.key_file()
+        for workers in ("1", "2"):
+            for start in range(STARTS):  # the first failure ends the test: it can take 12 s
+                self._drain_once(key, workers, "--workers %s, start %d: " % (workers, start))
+
+    def _drain_once(self, key, workers, where):
+        process = self.start("--key", key, "--workers", workers)
+        tagged, stop = ThreadTagged(), threading.Event()
+        threads = token_load(process.url, self.CLIENTS, 30, tagged, stop)
+        self.addCleanup(lambda: [stop.set()] + [thread.join(15) for thread in threads])
+        self.until(lambda: len(tagged) >= 300 and len({name for name, _ in list(tagged)})
+                   == self.CLIENTS, process, what=where + "300 answers, every client served")
+        signalled = time.monotonic()
+        process.proc.send_signal(signal.SIGTERM)
+        limit = jwt_issuer.DRAIN_TIMEOUT_SECONDS + 2
+        try:
+            code = process.proc.wait(limit)
+        except subprocess.TimeoutExpired:
+            code = None
+        stop.set()
+        for thread in threads:
+            thread.join(15)
+        self.finish(process, timeout=30)  # a stop held up by the clients ends with them
+        self.assertIsNotNone(code, where + "still running %ds after SIGTERM; log tail:\n%s"
+                             % (limit, "".join(process.lines[-12:])))
+        self.assertEqual(code, 0, where + process.log)
+        self.assertLess(time.monotonic() - signalled, limit)
+
+        per_client = {}
+        for name, result in list(tagged):
+            per_client.setdefault(name, []).append(result)
+        errors = [result[1] for _, result in tagged if result[0] is None
+                  and not result[1].startswith("ConnectionRefusedError")]
+        self.assertEqual(errors, [], where + "errors other than a refused connection")
+        answers = [result for _, result in tagged if result[0] is not None]
+        self.assertEqual({status for status, _, _ in answers}, {200}, where)
+        for _, body, _ in answers:  # whole tokens, never a cut one
+            self.assertEqual(segments(body.decode())[0]["alg"], "ES256", where)
+        self.assertEqual(len(per_client), self.CLIENTS, where)
+        for name, results in per_client.items():
+            # each client went on until the door shut, after an answer that said so
+            self.assertIsNone(results[-1][0], where + name)
+            answered = [result for result in results if result[0] is not None]
+            self.assertTrue(answered, where + name)
+            self.assertEqual(answered[-1][2], "close", where + name)
+            if workers == "1":  # one process: from the first close on, every answer says close
+                headers = [result[2] for result in answered]
+                first = headers.index("close")
+                self.assertEqual(set(headers[first:]), {"close"}, where + name)
+
+
+# ---------------------------------------------------------------- item 6
+
+class HungReloadTest(LifecycleTestCase):
+    """Item 6, a reload never blocks the stop: a key path that is a FIFO (a
+    read that would wait forever for a writer) must not hang the reload, the
+    stop after it, or the reloads after it; the log says what is wrong."""
+
+    def serving(self, process, workers):
+        """Serving, and so (even on a module that prints its listening line
+        too early) with its handlers in place: item 1 is not tested here."""
+        if workers != "1":
+            self.workers_of(process)
+        self.assertEqual(process.get("/healthz").status_code, 200)
+
+    def fifo_in_place_of(self, path):
+        os.unlink(path)
+        os.mkfifo(path, 0o600)
+
+    def test_sigterm_after_a_sighup_on_a_fifo_key_path_exits_0_within_the_drain_time(self):
+        """Item 6 (a): the key path a FIFO, SIGHUP, then SIGTERM: exit 0 within
+        the drain time (1 process and --workers 2), the log names the FIFO."""
+        for workers in ("1", "2"):
+            with self.subTest(workers=workers):
+                key = self.key_file(name="key-%s.json" % workers)
+                process = self.start("--key", key, "--workers", workers)
+                self.serving(process, workers)
+                self.fifo_in_place_of(key)
+                process.proc.send_signal(signal.SIGHUP)
+                with contextlib.suppress(AssertionError):  # asserted below, after the stop
+                    process.wait_for("is not a regular file", timeout=2)
+                signalled = time.monotonic()
+                process.proc.send_signal(signal.SIGTERM)
+                try:
+                    code = process.proc.wait(jwt_issuer.DRAIN_TIMEOUT_SECONDS)
+                except subprocess.TimeoutExpired:
+                    self.fail("no exit %ds after SIGTERM; log:\n%s"
+                              % (jwt_issuer.DRAIN_TIMEOUT_SECONDS, process.log))
+                elapsed = time.monotonic() - signalled
+                self.finish(process)
+                self.assertEqual(code, 0, process.log)
+                self.assertLess(elapsed, jwt_issuer.DRAIN_TIMEOUT_SECONDS)
+                self.assertIn("key file %s is not a regular file" % key, process.log)
+
+    def test_a_reload_after_one_on_a_fifo_serves_the_new_key(self):
+        """Item 6 (b): SIGHUP on a FIFO, then a real key file in its place and
+        SIGHUP again: the new key is loaded and served (a stuck first reload
+        must not hold up the second)."""
+        for workers in ("1", "2"):
+            with self.subTest(workers=workers):
+                old, new = new_key(), new_key()
+                new_kid = private_jwk(new)["kid"]
+                key = self.key_file(old, name="key-%s.json" % workers)
+                process = self.start("--key", key, "--workers", workers)
+                self.serving(process, workers)
+                self.fifo_in_place_of(key)
+                process.proc.send_signal(signal.SIGHUP)
+                with contextlib.suppress(AssertionError):  # asserted below
+                    process.wait_for("is not a regular file", timeout=2)
+                self.replace_file(key, private_jwk(new))
+                process.proc.send_signal(signal.SIGHUP)
+                reloads = 1 if workers == "1" else 3
+                self.until(lambda: process.log.count("signing with kid %s, publishing"
+                                                     % new_kid) >= reloads, process,
+                           what="the new key loaded by every process")
+                for _ in range(10):
+                    self.assertEqual(segments(process.token())[0]["kid"], new_kid)
+                    self.assertEqual(process.get("/auth/jwks").json()["keys"][0]["kid"],
+                                     new_kid)
+                self.assertIn("key file %s is not a regular file" % key, process.log)
+                self.assertEqual(process.stop(), 0, process.log)
+
+
+# ---------------------------------------------------------------- item 8
+
+class LogLossTest(LifecycleTestCase):
+    """Item 8, no silent log loss: when stderr is a non-blocking pipe that
+    nobody reads (a stuck log shipper), lines are dropped whole, never cut,
+    counted in /metrics, and once stderr takes lines again one line says how
+    many were lost, once per loss episode. Every line logged is accounted
+    for: it arrived, or a "lost" line counted it."""
+
+    REQUESTS = 2000  # ~200 KB of log lines: three times what the pipe holds
+    WHOLE = re.compile(LifecycleTestCase.LOG_LINE.pattern
+                       + r"(?:.* \d{3} \d+ \d+\.\dms"  # an access line
+                       r"|issued sub=\S+ kid=\S+ jti=\S+ exp=\d+"  # a token's audit line
+                       r"|\d+ log lines were lost: stderr would not take them)$")
+
+    def setUp(self):
+        super().setUp()
+        self.read_end, write_end = os.pipe()
+        self.addCleanup(os.close, self.read_end)
+        fcntl.fcntl(write_end, fcntl.F_SETFL, fcntl.fcntl(write_end, fcntl.F_GETFL) | os.O_NONBLOCK)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, MODULE, "--port", "0", "--key", self.key_file()],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=write_end)
+        finally:
+            os.close(write_end)
+        self.addCleanup(self.proc.wait)
+        self.addCleanup(lambda: self.proc.poll() is None and self.proc.kill())
+        self.received = bytearray()
+
+    def read_available(self, timeout=0.0):
+        """Whatever the pipe holds now (waiting up to TIMEOUT for a first byte)."""
+        import select
+        while select.select([self.read_end], [], [], timeout)[0]:
+            data = os.read(self.read_end, 65536)
+            if not data:
+                break
+            self.received += data
+            timeout = 0.0
+
+    def lines_since(self, mark):
+        return self.received[mark:].decode("utf-8", "backslashreplace").splitlines()
+
+    def long_line_request(self, port):
+        """A request whose access line is longer than the pipe writes whole
+        (PIPE_BUF, 4096 bytes): a 400 for 1100 control bytes in the target,
+        each logged escaped as 4 characters; the server then closes."""
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET /" + b"\x01" * 1100 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            answer = b""
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                answer += data
+        return int(answer.split(b" ", 2)[1])
+
+    def test_a_full_stderr_drops_whole_lines_counts_them_and_says_so_once(self):
+        """Item 8: stderr a non-blocking pipe left unread until full, 2000
+        requests an episode, two episodes (the second with lines too long to
+        be written whole): every line arrives whole, /metrics counts the
+        drops, the 'lost' lines report exactly those, and every line logged
+        either arrived or was reported lost."""
+        deadline = time.monotonic() + 10
+        while not re.search(rb"listening on http://\S+:\d+\n", self.received):
+            self.assertLess(time.monotonic(), deadline, bytes(self.received))
+            self.read_available(timeout=0.1)
+        match = re.search(rb"listening on (http://\S+):(\d+)\n", self.received)
+        url, port = match.group(1).decode() + ":" + match.group(2).decode(), int(match.group(2))
+        mark = match.end()
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        self.addCleanup(connection.close)
+        dropped_before = 0
+        # Episode 1: short lines, each written whole or not at all: one 'lost'
+        # line, right after stderr takes lines again. Episode 2: long lines
+        # too, which a full pipe can take in part: a cut line is finished
+        # before any other, and the 'lost' lines add up.
+        for episode, long_every in ((1, None), (2, 40)):
+            where = "episode %d: " % episode
+            logged = 0  # the pipe fills and lines are dropped: it is not read meanwhile
+            for i in range(self.REQUESTS):
+                if long_every and i % long_every == 0:
+                    status = self.long_line_request(port)
+                    expected = 400
+                    logged += 1
+                elif i % 10 == 0:  # a token: its audit line and its access line
+                    status, _, _ = self.one_request_kept(
+                        connection, "POST", "/auth/token", json_bytes({"name": "n%d" % i}),
+                        JSON_HEADERS)
+                    expected = 200
+                    logged += 2
+                else:
+                    status, _, _ = self.one_request_kept(connection, "GET", "/healthz")
+                    expected = 200
+                    logged += 1
+                self.assertEqual(status, expected)
+            self.read_available()  # everything: nothing is logged once the answers are in
+            drained = len(self.received)
+            self.assertNotRegex(self.received[mark:drained].decode("utf-8", "replace"),
+                                r"\n\S+ \S+ WARNING \d+ log lines were lost",
+                                where + "a 'lost' line while the pipe was full")
+            samples = scrape(url)  # one more request, now that stderr takes lines
+            logged += 1
+            self.read_available(timeout=5)
+            self.assertTrue(self.received.endswith(b"\n"), where + "the last line is cut")
+            self.assertIn(("jwt_issuer_log_lines_dropped_total",), samples,
+                          where + "/metrics has no count of dropped log lines")
+            dropped = samples[("jwt_issuer_log_lines_dropped_total",)] - dropped_before
+            dropped_before += dropped
+            lines = self.lines_since(mark)
+            torn = [line for line in lines if not self.WHOLE.match(line)]
+            self.assertEqual(torn, [], where + "lines cut or not in the log format")
+            lost = [int(self.LOST_LINE.match(line).group(1)) for line in lines
+                    if self.LOST_LINE.match(line)]
+            self.assertGreater(dropped, 0, where + "no line was dropped")
+            self.assertIn('"GET /metrics HTTP/1.1" 200', lines[-1], where)
+            self.assertRegex(lines[-2], self.LOST_LINE, where + "the 'lost' line comes first")
+            if long_every is None:
+                self.assertEqual(lost, [dropped], where + "'lost' lines %s, /metrics says %d "
+                                 "dropped" % (lost, dropped))
+            else:
+                self.assertEqual(sum(lost), dropped, where + "'lost' lines %s, /metrics says "
+                                 "%d dropped" % (lost, dropped))
+            self.assertEqual(len(lines) - len(lost) + dropped, logged,
+                             where + "%d lines logged, %d arrived, %d reported lost"
+                             % (logged, len(lines) - len(lost), dropped))
+            mark = len(self.received)
+        connection.close()
+        self.proc.send_signal(signal.SIGTERM)
+        self.assertEqual(self.proc.wait(15), 0)
+        self.read_available(timeout=1)
+        last = self.lines_since(mark)
+        self.assertTrue(last and all(self.LOG_LINE.match(line) for line in last), last)
+        self.assertTrue(last[-1].endswith(" INFO stopped"), last)
+
+
+# ---------------------------------------------------------------- item 32
+
+class WorkerLogTagTest(LifecycleTestCase):
+    """Item 32: with --workers, every log line names its process: a worker's
+    message starts with "worker N: ", the supervisor's with "supervisor: ",
+    from the first line to the last (start, warnings, access lines, reloads,
+    a replacement, the stop). Interleaved lines of several processes are
+    otherwise impossible to tell apart."""
+
+    TAGGED = re.compile(LifecycleTestCase.LOG_LINE.pattern + r"(supervisor|worker [12]): ")
+
+    def assert_tagged(self, process, when):
+        lines = [line for line in process.log.splitlines()
+                 if not line.startswith("listening on ")]
+        self.assertEqual([line for line in lines if not self.LOG_LINE.match(line)], [], when)
+        self.assertEqual([line for line in lines if not self.TAGGED.match(line)], [],
+                         "%s: lines that do not name their process" % when)
+        return {self.TAGGED.match(line).group(2) for line in lines}
+
+    def test_with_workers_every_log_line_names_its_process(self):
+        """Item 32: --workers 2, tokens, SIGHUP, a worker killed and replaced,
+        SIGTERM: every line, the start-up lines included, starts its message
+        with "supervisor: " or "worker N: "."""
+        key = self.write("key.json", private_jwk(new_key()), mode=0o644)  # a warning, at each load
+        process = self.start("--key", key, "--workers", "2")
+        workers = self.workers_of(process)
+        for _ in range(10):
+            process.token()
+        self.until(lambda: process.log.count('"POST /auth/token HTTP/1.1" 200') == 10, process,
+                   what="10 access lines")
+        self.assert_tagged(process, "start-up and access lines")
+        process.proc.send_signal(signal.SIGHUP)
+        for _ in range(3):
+            process.wait_for("reloaded keys from")
+        os.kill(workers[0], signal.SIGKILL)
+        process.wait_for("starting another")
+        self.until(lambda: len(self.live_children(process)) == 2
+                   and workers[0] not in self.live_children(process), process,
+                   what="a replacement worker")
+        self.worker_pids.update(self.live_children(process))
+        self.assertEqual(process.stop(), 0, process.log)
+        tags = self.assert_tagged(process, "every line, to the stop")
+        self.assertEqual(tags, {"supervisor", "worker 1", "worker 2"})
+        self.assertRegex(process.log, r"INFO supervisor: 2 workers serving")
+        self.assertRegex(process.log, r"ERROR supervisor: worker 1 \(pid %d\) was killed"
+                         % workers[0])
+        self.assertRegex(process.log, r"INFO supervisor: stopped\n")
+        for worker in (1, 2):
+            self.assertRegex(process.log, r"INFO worker %d: reloaded keys from" % worker)
+            self.assertRegex(process.log, r"INFO worker %d: stopped\n" % worker)
+
+
+if __name__ == "__main__":
+    unittest.main()
 
 
 # ---------------------------------------------------------------- Vault / OpenBao, for real
