@@ -619,9 +619,11 @@ def basic_credentials(authorization):
 
 # ---------------------------------------------------------------- the pure core: HTTP request heads
 
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 §5.6.2: methods, field names
-_HTTP_VERSION = re.compile(r"HTTP/([0-9])\.([0-9])")  # RFC 9112 §2.3
-_REQUEST_TARGET = re.compile(r"[\x21-\x7e]+")  # RFC 3986 characters: no space, control or octet
+# RFC 9112 §3: request-line = method SP request-target SP HTTP-version; the
+# method a token (RFC 9110 §5.6.2), the target of RFC 3986's visible ASCII (no
+# space, control or other octet), the version "HTTP/" DIGIT "." DIGIT (§2.3).
+_REQUEST_LINE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([\x21-\x7e]+) (HTTP/([0-9])\.[0-9])")
+_HTTP_VERSION = re.compile(r"HTTP/[0-9]\.[0-9]")
 # RFC 9112 §5: field-line = field-name ":" OWS field-value OWS, the name a
 # token (RFC 9110 §5.6.2), the value without controls but HTAB (§5.5); a line
 # ends in CRLF, or LF alone (RFC 9112 §2.2).
@@ -651,6 +653,7 @@ def _head_error(status, description):
     return HTTPError(status, "invalid_request", description)
 
 
+@functools.lru_cache(maxsize=1024)
 def _host_of(authority):
     """The host of an authority (RFC 3986 §3.2.2), lower-case, or HTTPError 400."""
     match = _AUTHORITY.fullmatch(authority)
@@ -666,28 +669,25 @@ def _host_of(authority):
 
 
 def _request_line(line):
-    """(method, target, path, version) of a request line (RFC 9112 §3)."""
+    """(method, target, path, version, the authority of an absolute-form
+    target or None) of a request line (RFC 9112 §3)."""
     if len(line) > MAX_REQUEST_LINE_BYTES:
         raise _head_error(414, "request line is longer than %d bytes" % MAX_REQUEST_LINE_BYTES)
-    # §3: request-line = method SP request-target SP HTTP-version
-    parts = line.split(" ")
-    if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or not _REQUEST_TARGET.fullmatch(parts[1]):
-        raise _head_error(400, "malformed request line")
-    method, target, version = parts
-    match = _HTTP_VERSION.fullmatch(version)
-    if not match:
-        raise _head_error(400, "malformed HTTP version")
+    match = _REQUEST_LINE.fullmatch(line)
+    if match is None:
+        bad_version = line.count(" ") == 2 and not _HTTP_VERSION.fullmatch(line.rpartition(" ")[2])
+        raise _head_error(400, "malformed HTTP version" if bad_version else "malformed request line")
+    method, target, version, major = match.groups()
     # RFC 9110 §6.2: a server answers in the highest version it speaks with
     # the major version received; HTTP/1.2 is served as 1.1, HTTP/2.0 not at all.
-    if match.group(1) != "1":
+    if major != "1":
         raise _head_error(505, "only HTTP/1.x is served")
-    if target.startswith("/"):
-        path = target.partition("?")[0]
-    else:
-        absolute = _ABSOLUTE_FORM.fullmatch(target.partition("?")[0])
-        # anything else (authority-form, "*") names no path this server has
-        path = target if absolute is None else absolute.group(2) or "/"
-    return method, target, path, version
+    if target[0] == "/":
+        return method, target, target.partition("?")[0], version, None
+    absolute = _ABSOLUTE_FORM.fullmatch(target.partition("?")[0])
+    if absolute is None:  # authority-form, "*": no path this server has
+        return method, target, target, version, None
+    return method, target, absolute.group(2) or "/", version, absolute.group(1)
 
 
 def parse_head(data):
@@ -697,7 +697,7 @@ def parse_head(data):
     request line is refused as soon as it is in, before the rest comes."""
     # §2.2: "a server that is expecting to receive and parse a request-line
     # SHOULD ignore at least one empty line (CRLF) received prior to the request-line."
-    start = _LEADING_EMPTY_LINES.match(data).end()
+    start = _LEADING_EMPTY_LINES.match(data).end() if data[:1] in b"\r\n" else 0
     if start > 2 * MAX_EMPTY_LINES:
         raise _head_error(400, "more than %d empty lines before the request line"
                           % MAX_EMPTY_LINES)
@@ -712,7 +712,8 @@ def parse_head(data):
         # §2.2: "a recipient MAY recognize a single LF as a line terminator and
         # ignore any preceding CR"; a CR anywhere else fails the checks below.
         line = data[start:line_end].decode("iso-8859-1")
-        method, target, path, version = _request_line(line[:-1] if line.endswith("\r") else line)
+        method, target, path, version, authority = _request_line(
+            line[:-1] if line.endswith("\r") else line)
     field_lines = data[line_end + 1:len(data) if end is None else end.start() + 1]
     if (len(data) if end is None else end.end()) > MAX_HEAD_BYTES:
         # the same answer whether the head came whole or was cut at the limit
@@ -721,16 +722,17 @@ def parse_head(data):
         raise _head_error(431, "the request head is over %d bytes" % MAX_HEAD_BYTES)
     if end is None:
         return None
-    fields, hosts, text = {}, 0, field_lines.decode("iso-8859-1")
-    for field_line in text.split("\n")[:-1]:
-        if len(field_line) > MAX_FIELD_LINE_BYTES + 1:
-            raise _head_error(431, "a header field line is over %d bytes" % MAX_FIELD_LINE_BYTES)
+    text = field_lines.decode("iso-8859-1")
+    lines = text.split("\n")[:-1]
+    if lines and max(map(len, lines)) > MAX_FIELD_LINE_BYTES + 1:  # + 1: a CR
+        raise _head_error(431, "a header field line is over %d bytes" % MAX_FIELD_LINE_BYTES)
     # §5.1: "No whitespace is allowed between the field name and colon ... a
     # server MUST reject, with a response status code of 400"; §5.2: nor is
     # obs-fold, a line starting with whitespace (it fails the same test).
     if not _FIELD_LINES.fullmatch(text):
         raise _head_error(400, "malformed header field")
-    for field_line in text.split("\n")[:-1]:
+    fields, hosts = {}, 0
+    for field_line in lines:
         name, _, value = field_line.partition(":")
         name, value = name.lower(), value.strip(" \t\r")
         hosts += name == "host"
@@ -743,14 +745,13 @@ def parse_head(data):
     if hosts > 1 or (hosts == 0 and version != "HTTP/1.0"):
         raise _head_error(400, "exactly one Host header is required (RFC 9112 §3.2)")
     host = _host_of(fields["host"]) if hosts else None
-    absolute = _ABSOLUTE_FORM.fullmatch(target.partition("?")[0])
-    if absolute is not None:
+    if authority is not None:
         # §3.2.2: the server "MUST ignore the received Host header field (if any)
         # and instead use the host information of the request-target"; RFC 9110
         # §4.2.4: a userinfo in an http(s) URI is to be treated as an error.
-        if "@" in absolute.group(1):
+        if "@" in authority:
             raise _head_error(400, "a request target must not hold a user name")
-        host = _host_of(absolute.group(1))
+        host = _host_of(authority)
 
     # §6.1: a server that receives a transfer coding it does not understand
     # SHOULD answer 501; chunked bodies are refused rather than guessed at.
@@ -772,8 +773,10 @@ def parse_head(data):
 
     # §9.3: HTTP/1.1 connections persist unless "close" is sent; HTTP/1.0 ones
     # only with "keep-alive".
-    connection = {token.strip().lower() for token in fields.get("connection", "").split(",")}
-    keep_alive = "close" not in connection and (version != "HTTP/1.0" or "keep-alive" in connection)
+    keep_alive = version != "HTTP/1.0"
+    if "connection" in fields:
+        connection = {token.strip().lower() for token in fields["connection"].split(",")}
+        keep_alive = "close" not in connection and (keep_alive or "keep-alive" in connection)
     expect_continue = (version != "HTTP/1.0"
                        and fields.get("expect", "").lower() == "100-continue")
     return RequestHead(method, target, path, version, fields, end.end(), host, content_length,
@@ -1795,21 +1798,21 @@ class RequestHandler(socketserver.StreamRequestHandler):
         """The body of the next request, whose head is then self.head; None
         when the client is done. Reads no more than MAX_HEAD_BYTES of a head,
         and nothing beyond the body it frames until the answer is sent."""
-        self.head = None
-        slot, server = self.slot, self.server
-        head = parse_head(buffer) if buffer else None
-        if buffer:
-            slot.enter(READING, server.request_timeout)
-            self.started = time.perf_counter()
-        else:
+        self.head, slot, server = None, self.slot, self.server
+        if not buffer:
             slot.enter(IDLE, STOP_GRACE_SECONDS if server.stopping else server.idle_timeout)
+            data = self.rfile.read(READ_CHUNK_BYTES)
+            if not data:
+                return None
+            buffer += data
+        self.started = time.perf_counter()  # its first byte is in
+        head = parse_head(buffer)
+        if head is None or head.size + head.content_length > len(buffer):  # not all in yet
+            slot.enter(READING, server.request_timeout)
         while head is None:
             data = self.rfile.read(READ_CHUNK_BYTES)
             if not data:
                 return None
-            if not buffer:
-                slot.enter(READING, server.request_timeout)
-                self.started = time.perf_counter()
             buffer += data
             # a head can only end, or break a limit, on a new line or as it grows past one
             if b"\n" in data or any(len(buffer) - len(data) <= limit < len(buffer)
@@ -2083,7 +2086,7 @@ class LogHandler(logging.Handler):
         except Exception:
             self.handleError(record)
             return
-        if getattr(record, "held", False):
+        if record.__dict__.get("held"):  # not getattr(): no exception made and dropped a line
             self._held += line
             return
         lines, self._held = self._held + line, b""
@@ -2120,19 +2123,26 @@ class LogHandler(logging.Handler):
 
 
 class LogFormatter(logging.Formatter):
-    """The time of a line formatted once a second, not once a line."""
+    """TIME LEVEL [TAG]MESSAGE, and a traceback when there is one; TAG names the
+    process with --workers. The time is formatted once a second, not once a line."""
 
     _second, _text = None, ""
 
-    def formatTime(self, record, datefmt=None):
+    def __init__(self, tag=""):
+        super().__init__()
+        self.tag = tag
+
+    def format(self, record):
         second = int(record.created)
         if second != self._second:  # two threads may both format it: the same text
-            self._second, self._text = second, super().formatTime(record, datefmt)[:-4]
-        return "%s,%03d" % (self._text, record.msecs)
+            self._second, self._text = second, self.formatTime(record)[:-4]
+        line = "%s,%03d %s %s%s" % (self._text, record.msecs, record.levelname, self.tag,
+                                    record.getMessage())
+        return line + "\n" + self.formatException(record.exc_info) if record.exc_info else line
 
 
 def configure_logging(tag=""):
-    """TIME LEVEL [TAG]MESSAGE on stderr; TAG names the process with --workers."""
+    """Log lines on stderr, as LogFormatter makes them."""
     if not log.handlers:
         # Spare each record the work the logging HOWTO lists as optional
         # (its "Optimization" section): thread and process names.
@@ -2141,7 +2151,7 @@ def configure_logging(tag=""):
         log.setLevel(logging.INFO)
         log.propagate = False
     for handler in log.handlers:
-        handler.setFormatter(LogFormatter("%(asctime)s %(levelname)s " + tag + "%(message)s"))
+        handler.setFormatter(LogFormatter(tag))
 
 
 # ---------------------------------------------------------------- processes: signals and workers
