@@ -1761,6 +1761,16 @@ _LOG_ESCAPES.update({ord('"'): '\\"', ord("\\"): "\\\\"})
 _quoted = json.JSONEncoder().encode  # "...", escaped: one safe token in a log line
 
 
+def logged_request_line(head, line=b""):
+    """The request line, as far as it was read, escaped for a log line."""
+    if head is not None:
+        text = "%s %s %s" % (head.method, head.target, head.version)
+    else:
+        text = bytes(line.lstrip(b"\r\n").partition(b"\n")[0]).rstrip(b"\r")
+        text = text.decode("iso-8859-1") or "-"
+    return text[:MAX_LOGGED_LINE_CHARS].translate(_LOG_ESCAPES)
+
+
 class RequestHandler(socketserver.StreamRequestHandler):
     """One connection: each request read whole (its head by parse_head, its body
     by Content-Length) and answered in one write, while the client keeps the
@@ -1841,7 +1851,7 @@ class RequestHandler(socketserver.StreamRequestHandler):
         except HTTPError as error:
             return error_answer(error)
         except Exception:
-            log.exception("internal error answering %s", self._logged(self.head))
+            log.exception("internal error answering %s", logged_request_line(self.head))
             return error_answer(HTTPError(500, "server_error", "internal error"))
 
     def _send(self, status, content_type, body, headers, close, line=b""):
@@ -1854,7 +1864,7 @@ class RequestHandler(socketserver.StreamRequestHandler):
                                http_date(time.time()), head is None or head.method != "HEAD")
         seconds = time.perf_counter() - self.started
         log_line(logging.INFO, '%s "%s" %d %d %.1fms', self.client_address[0],
-                 self._logged(head, line), status, len(body), seconds * 1000)
+                 logged_request_line(head, line), status, len(body), seconds * 1000)
         self.server.service.metrics.answered(
             head.path if head is not None and head.path in ALLOWED_METHODS else "other",
             status, seconds)
@@ -1872,16 +1882,6 @@ class RequestHandler(socketserver.StreamRequestHandler):
                 pass
         except OSError:
             pass
-
-    @staticmethod
-    def _logged(head, line=b""):
-        """The request line, as far as it was read, escaped for a log line."""
-        if head is not None:
-            text = "%s %s %s" % (head.method, head.target, head.version)
-        else:
-            text = bytes(line.lstrip(b"\r\n").partition(b"\n")[0]).rstrip(b"\r")
-            text = text.decode("iso-8859-1") or "-"
-        return text[:MAX_LOGGED_LINE_CHARS].translate(_LOG_ESCAPES)
 
 
 # ---------------------------------------------------------------- connections: the server
@@ -1929,17 +1929,15 @@ TOO_BUSY = HTTPError(503, "temporarily_unavailable", "too many connections",
 
 
 class IssuerServer(ThreadingHTTPServer):
-    """The listening socket, and a thread per connection, each holding one of
-    the Slots: admission, deadlines, and the drain on stop. What connections
-    are answered with is self.service's."""
+    """The listening socket and a thread per connection, each holding a Slot:
+    admission, deadlines and the drain on stop. What is answered is self.service's."""
 
     daemon_threads = True
     block_on_close = False  # drain() waits for requests in flight, with a deadline
     request_queue_size = LISTEN_BACKLOG
     service = None  # set before serving
-    idle_timeout = IDLE_TIMEOUT_SECONDS
-    request_timeout = REQUEST_TIMEOUT_SECONDS
-    write_timeout = WRITE_TIMEOUT_SECONDS
+    idle_timeout, request_timeout, write_timeout = (IDLE_TIMEOUT_SECONDS, REQUEST_TIMEOUT_SECONDS,
+                                                     WRITE_TIMEOUT_SECONDS)
 
     def __init__(self, address, max_connections):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
@@ -2030,10 +2028,9 @@ class IssuerServer(ThreadingHTTPServer):
 
     def drain(self, timeout, last=True):
         """After serve_forever(): serve what the kernel queued (not reset it), close
-        the listener, give waiting connections STOP_GRACE_SECONDS to bring one
-        last request, let requests in flight finish; for at most TIMEOUT seconds.
-        LAST: no other process serves this listener on, so no new handshake may
-        complete between the last accept and the close."""
+        the listener, give waiting connections STOP_GRACE_SECONDS for one last
+        request, let requests in flight finish; for at most TIMEOUT seconds. LAST:
+        no other process serves this listener, so no handshake may complete late."""
         self.stopping = True
         if last:
             refuse_new_connections(self.socket)

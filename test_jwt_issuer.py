@@ -5182,6 +5182,14 @@ class ProjectTest(unittest.TestCase):
         for private in ("c_make_encoder", "_srcfile", "encode_basestring", "_BaseServer"):
             self.assertNotIn(private, source)
 
+    def test_the_connection_classes_stay_short(self):
+        with open(MODULE) as f:
+            tree = ast.parse(f.read())
+        lines = {node.name: node.end_lineno - node.lineno + 1
+                 for node in tree.body if isinstance(node, ast.ClassDef)}
+        self.assertLessEqual(lines["RequestHandler"], 120)
+        self.assertLessEqual(lines["IssuerServer"], 120)
+
     def test_importing_is_quiet(self):
         result = subprocess.run([sys.executable, "-c", "import jwt_issuer"], cwd=HERE,
                                 capture_output=True)
