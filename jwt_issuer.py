@@ -2498,6 +2498,10 @@ def read_password():
             password = password[:-1] if password.endswith("\r") else password
     except UnicodeDecodeError:
         raise ConfigError("the password is not UTF-8") from None
+    except EOFError:  # Ctrl-D at a prompt
+        raise ConfigError("no password given") from None
+    except KeyboardInterrupt:
+        raise ConfigError("interrupted") from None
     if not password:
         raise ConfigError("the password is empty")
     return password

@@ -35,6 +35,7 @@ import re
 import resource
 import select
 import selectors
+import shlex
 import shutil
 import signal
 import socket
@@ -3173,7 +3174,7 @@ class AuthProcessTest(TempDirTestCase):
                 self.assertNotIn("Traceback", stderr)
 
     def run_at_a_terminal(self, *answers):
-        """hash-password on a pseudo-terminal, answering its prompts."""
+        """hash-password on a pseudo-terminal, answering its prompts with keys typed."""
         import pty
         pid, fd = pty.fork()
         if pid == 0:  # the child: the command, on the terminal
@@ -3183,8 +3184,9 @@ class AuthProcessTest(TempDirTestCase):
             for number, answer in enumerate(answers, 1):
                 # getpass flushes what was typed before its prompt: wait for each one
                 while output.count(b"Password") < number or not output.rstrip().endswith(b":"):
+                    self.assertTrue(select.select([fd], [], [], 10)[0], output)
                     output += os.read(fd, 1024)
-                os.write(fd, answer + b"\n")
+                os.write(fd, answer)
             while True:
                 try:
                     chunk = os.read(fd, 1024)
@@ -3193,6 +3195,9 @@ class AuthProcessTest(TempDirTestCase):
                 if not chunk:
                     break
                 output += chunk
+        except BaseException:
+            os.kill(pid, signal.SIGKILL)
+            raise
         finally:
             status = os.waitpid(pid, 0)[1]
             os.close(fd)
@@ -3200,15 +3205,24 @@ class AuthProcessTest(TempDirTestCase):
             else status >> 8, output.decode()
 
     def test_hash_password_at_a_terminal_asks_twice_without_echo(self):
-        code, output = self.run_at_a_terminal(b"hunter2", b"hunter2")
+        code, output = self.run_at_a_terminal(b"hunter2\n", b"hunter2\n")
         self.assertEqual(code, 0, output)
         self.assertNotIn("hunter2", output)  # not echoed
         self.assertEqual(output.count("Password"), 2)
         encoded = output.strip().splitlines()[-1].strip()
         self.assertTrue(jwt_issuer.PasswordHash.parse(encoded).matches("hunter2"))
-        code, output = self.run_at_a_terminal(b"hunter2", b"hunter3")
+        code, output = self.run_at_a_terminal(b"hunter2\n", b"hunter3\n")
         self.assertEqual(code, 2)
         self.assertIn("jwt_issuer: error: the two passwords differ", output)
+
+    def test_hash_password_at_a_terminal_left_with_ctrl_d_or_ctrl_c(self):
+        for keys, message in (([b"\x04"], "no password given"), ([b"\x03"], "interrupted"),
+                              ([b"hunter2\n", b"\x04"], "no password given")):
+            with self.subTest(keys=keys):
+                code, output = self.run_at_a_terminal(*keys)
+                self.assertEqual(code, 2, output)
+                self.assertIn("jwt_issuer: error: " + message, output)
+                self.assertNotIn("Traceback", output)
 
     def test_startup_errors(self):
         pki = PKI(self.dir)
@@ -5207,7 +5221,7 @@ class ReadmeTest(TempDirTestCase):
 
     side_by_side = True
 
-    def run_block(self, marker, index=0, **env):
+    def run_block(self, marker, index=0, succeeds=True, **env):
         text = readme().split("<!-- %s:" % marker, 1)[1]
         block = text.split("```sh\n")[index + 1].split("\n```")[0]
         block = block.replace(".venv/bin/python", sys.executable).replace(
@@ -5216,7 +5230,7 @@ class ReadmeTest(TempDirTestCase):
         result = subprocess.run(["bash", "-e", "-c", "umask 022\n" + block],
                                 cwd=self.dir, capture_output=True, timeout=60,
                                 env=dict(os.environ, **env))
-        self.assertEqual(result.returncode, 0, result.stderr.decode())
+        self.assertEqual(result.returncode == 0, succeeds, result.stderr.decode())
         return result
 
     def test_the_certificate_recipes_production_and_mtls(self):
@@ -5233,13 +5247,18 @@ class ReadmeTest(TempDirTestCase):
         self.assertEqual(segments(response.text)[1]["iss"], url)
         # carol's client certificate, from the same CA
         self.run_block("client certificate")
-        process = self.start("--key", self.key_file(), "--tls-cert", self.dir + "/server.crt",
-                             "--tls-key", self.dir + "/server.key", "--tls-client-ca",
-                             self.dir + "/ca.crt")
-        result = subprocess.run(
-            ["curl", "-sSf", "--cacert", "ca.crt", "--cert", "carol.crt", "--key", "carol.key",
-             "-X", "POST", process.url.replace("127.0.0.1", "localhost") + "/auth/token"],
-            cwd=self.dir, capture_output=True, timeout=30)
+        # the README's start and curl lines, on a free port
+        start, curl = readme().split("<!-- client certificate:", 1)[1].split(
+            "```\n")[2].splitlines()[:2]
+        arguments = shlex.split(start.partition(" jwt_issuer.py ")[2].rstrip(" &"))
+        port = arguments.index("--port") + 1
+        self.assertIn(":%s/" % arguments[port], curl)
+        arguments[port] = "0"
+        process = self.start("--key", self.key_file(), *arguments, cwd=self.dir)
+        curl = shlex.split(curl.replace("https://localhost:%s" % start.split("--port ")[1].split()[0],
+                                        process.url.replace("127.0.0.1", "localhost")))
+        result = subprocess.run(curl[:1] + ["-sSf"] + curl[1:], cwd=self.dir,
+                                capture_output=True, timeout=30)
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(segments(result.stdout.decode())[1]["sub"], "carol")
 
@@ -5249,7 +5268,13 @@ class ReadmeTest(TempDirTestCase):
         process = self.start("--key", path, cwd=self.dir)
         old_token = process.token()
         jwks_url = process.url + "/auth/jwks"
-        self.run_block("rotation", 0, ISSUER_PID=str(process.proc.pid))
+        with open(path) as f:
+            before = f.read()
+        self.run_block("rotation", 0, succeeds=False, ISSUER_PID="")  # forgotten: nothing done
+        with open(path) as f:
+            self.assertEqual((f.read(), sorted(os.listdir(self.dir))), (before, ["key.json"]))
+        self.run_block("rotation", 0, succeeds=False, ISSUER_PID=str(2 ** 22 + 1))  # no process
+        self.run_block("rotation", 0, ISSUER_PID=str(process.proc.pid))  # again, as the README says
         process.wait_for("reloaded keys from")
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
         self.assertFalse(os.path.exists(os.path.join(self.dir, "new.json")))
