@@ -997,24 +997,39 @@ class Config:
 
 # ---------------------------------------------------------------- files
 
-def read_file(path, what, limit):
-    """(bytes, mode) of a regular file of at most LIMIT bytes; else ConfigError.
-    Opened without blocking, so that a FIFO or a device at the path cannot
-    hang the read (and with it a reload, or the stop after it)."""
+def open_regular_file(path, what, limit):
+    """PATH opened for reading if it is a regular file of at most LIMIT bytes;
+    else ConfigError. Opened without blocking, so that a FIFO or a device at
+    the path cannot hang the open (and with it a reload, or the stop after it)."""
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
     try:
-        with open(path, "rb", opener=lambda name, _: os.open(name, flags)) as file:
-            mode = os.fstat(file.fileno()).st_mode
-            if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):  # a directory: EISDIR below
-                raise ConfigError("%s %s is not a regular file" % (what, path))
-            data = file.read(limit + 1)
+        file = open(path, "rb", opener=lambda name, _: os.open(name, flags))
     except FileNotFoundError:
         raise ConfigError("%s %s does not exist" % (what, path)) from None
     except OSError as error:
         raise ConfigError("cannot read %s %s: %s" % (what, path, error.strerror or error)) from None
-    if len(data) > limit:
-        raise ConfigError("%s %s is over %d bytes" % (what, path, limit))
-    return data, mode
+    status = os.fstat(file.fileno())
+    problem = ("cannot read %s %s: %s" % (what, path, os.strerror(errno.EISDIR))
+               if stat.S_ISDIR(status.st_mode) else
+               "%s %s is not a regular file" % (what, path) if not stat.S_ISREG(status.st_mode)
+               else "%s %s is over %d bytes" % (what, path, limit) if status.st_size > limit
+               else None)
+    if problem:
+        file.close()
+        raise ConfigError(problem)
+    return file
+
+
+def read_file(path, what, limit):
+    """(bytes, mode) of a regular file of at most LIMIT bytes; else ConfigError."""
+    with open_regular_file(path, what, limit) as file:
+        try:
+            data = file.read(limit + 1)
+        except OSError as error:
+            raise ConfigError("cannot read %s %s: %s" % (what, path, error.strerror)) from None
+        if len(data) > limit:  # it grew since
+            raise ConfigError("%s %s is over %d bytes" % (what, path, limit))
+        return data, os.fstat(file.fileno()).st_mode
 
 
 def write_new_file(path, data):
@@ -1085,25 +1100,29 @@ def load_tls_context(config):
     """TLS 1.2 and up, AEAD suites only; with a client CA, the handshake asks for
     a client certificate (and checks one that comes) but does not demand one:
     verifiers fetch the JWKS without."""
-    for path, what in ((config.tls_cert, "TLS certificate"), (config.tls_key, "TLS key"),
-                       (config.tls_client_ca, "client CA")):
-        if path is not None:
-            read_file(path, what, MAX_TLS_FILE_BYTES)  # a regular file: ssl opens it again
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers(TLS12_CIPHERS)
     context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
-    try:
-        context.load_cert_chain(config.tls_cert, config.tls_key)
-    except (OSError, ssl.SSLError) as error:
-        raise ConfigError("cannot load the TLS certificate %s and key %s: %s" % (
-            config.tls_cert, config.tls_key, getattr(error, "strerror", None) or error)) from None
-    if config.tls_client_ca is not None:
+    # ssl loads a certificate chain only from a path: it gets the one of the file
+    # already opened and checked, so that no FIFO swapped in since can hang it.
+    with open_regular_file(config.tls_cert, "TLS certificate", MAX_TLS_FILE_BYTES) as cert, \
+            open_regular_file(config.tls_key, "TLS key", MAX_TLS_FILE_BYTES) as key:
         try:
-            context.load_verify_locations(config.tls_client_ca)
+            context.load_cert_chain(*(
+                "/dev/fd/%d" % file.fileno() if os.path.isdir("/dev/fd") else file.name
+                for file in (cert, key)))
         except (OSError, ssl.SSLError) as error:
+            raise ConfigError("cannot load the TLS certificate %s and key %s: %s" % (
+                config.tls_cert, config.tls_key, getattr(error, "strerror", None) or error)
+            ) from None
+    if config.tls_client_ca is not None:
+        data, _ = read_file(config.tls_client_ca, "client CA", MAX_TLS_FILE_BYTES)
+        try:
+            context.load_verify_locations(cadata=data.decode("ascii"))
+        except (UnicodeDecodeError, ssl.SSLError) as error:
             raise ConfigError("cannot load the client CA %s: %s" % (
-                config.tls_client_ca, getattr(error, "strerror", None) or error)) from None
+                config.tls_client_ca, getattr(error, "reason", None) or error)) from None
         context.verify_mode = ssl.CERT_OPTIONAL
     return context
 

@@ -4596,6 +4596,51 @@ class HungReloadTest(LifecycleTestCase):
                 self.assertIn("key file %s is not a regular file" % key, process.log)
                 self.assertEqual(process.stop(), 0, process.log)
 
+    def test_tls_files_swapped_for_a_fifo_while_reloading_hang_no_reload(self):
+        """Item 6 (c): the certificate path a link that flips between the
+        certificate and a FIFO while SIGHUPs come: no reload hangs (ssl is given
+        the file that was checked, not the path to open again), so the last
+        reload, with the certificate back and a new key, is served."""
+        pki = PKI(self.dir)
+        fifo = os.path.join(self.dir, "fifo")
+        os.mkfifo(fifo, 0o600)
+        for workers in ("1", "2"):
+            with self.subTest(workers=workers):
+                link, new = os.path.join(self.dir, "cert-%s" % workers), new_key()
+                os.symlink(pki.server_cert, link)
+                key = self.key_file(name="key-%s.json" % workers)
+                process = self.start("--key", key, "--workers", workers, "--tls-cert", link,
+                                     "--tls-key", pki.server_key)
+                process.verify = pki.ca_path
+                self.serving(process, workers)
+                flipping = threading.Event()
+                flipping.set()
+
+                def flip():
+                    while flipping.is_set():
+                        for target in (fifo, pki.server_cert):
+                            os.symlink(target, link + ".new")
+                            os.replace(link + ".new", link)
+                flipper = threading.Thread(target=flip)
+                flipper.start()
+                try:
+                    for _ in range(40):
+                        process.proc.send_signal(signal.SIGHUP)
+                        time.sleep(0.05)
+                finally:
+                    flipping.clear()
+                    flipper.join()
+                os.symlink(pki.server_cert, link + ".new")
+                os.replace(link + ".new", link)
+                self.replace_file(key, private_jwk(new))
+                process.proc.send_signal(signal.SIGHUP)
+                new_kid = private_jwk(new)["kid"]
+                self.until(lambda: all(segments(process.token())[0]["kid"] == new_kid
+                                       and process.get("/auth/jwks").json()["keys"][0]["kid"]
+                                       == new_kid for _ in range(6)),
+                           process, what="the new key in use by every process")
+                self.assertEqual(process.stop(), 0, process.log)
+
 
 # ---------------------------------------------------------------- item 8
 
