@@ -276,9 +276,12 @@ def parse_jwk(jwk):
         if name not in jwk:
             if required:
                 raise ValueError('"%s" is missing' % name)
-        elif jwk[name] != expected:
-            raise ValueError('"%s" must be "%s", not %s'
-                             % (name, expected, json.dumps(jwk[name])[:40]))
+        elif jwk[name] != expected:  # a short value named, a long one perhaps secret
+            value = jwk[name]
+            shown = (json.dumps(value) if isinstance(value, str) and len(value) <= 8 else
+                     "a string of %d characters" % len(value) if isinstance(value, str) else
+                     "JSON " + type(value).__name__)
+            raise ValueError('"%s" must be "%s", not %s' % (name, expected, shown))
     kid = jwk.get("kid")
     if kid is not None and not (isinstance(kid, str) and kid):
         raise ValueError('"kid" must be a non-empty string')
@@ -665,7 +668,13 @@ def _host_of(authority):
             return str(ipaddress.IPv6Address(literal))
         except ValueError:
             raise _head_error(400, "not a valid host") from None
-    return name.lower().rstrip(".")
+    return without_root_dot(name.lower())
+
+
+def without_root_dot(name):
+    """A fully qualified name as written without its last dot (RFC 1034 §3.1):
+    "localhost." is localhost; "localhost.." keeps a dot and so is not."""
+    return name[:-1] if name.endswith(".") else name
 
 
 def _request_line(line):
@@ -1226,7 +1235,7 @@ def _hosts_served(config):
         return None
     issuer_host = _ABSOLUTE_FORM.fullmatch(config.issuer).group(1)
     return frozenset({"localhost", _host_of(issuer_host)}
-                     | {name.lower().rstrip(".") for name in config.allowed_hosts})
+                     | {without_root_dot(name.lower()) for name in config.allowed_hosts})
 
 
 @dataclass(frozen=True)

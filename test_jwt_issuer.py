@@ -1205,6 +1205,10 @@ class KeyTest(TempDirTestCase):
             (json_bytes({k: v for k, v in good.items() if k != "crv"}), '"crv" is missing'),
             (json_bytes(dict(good, alg="RS256")), '"alg" must be "ES256", not "RS256"'),
             (json_bytes(dict(good, use="enc")), '"use" must be "sig", not "enc"'),
+            # a long value may be a misplaced secret: only its length is said
+            (json_bytes(dict(good, kty=good["d"])), '"kty" must be "EC", not a string of 43 '
+                                                    'characters'),
+            (json_bytes(dict(good, crv=["P-256"])), '"crv" must be "P-256", not JSON list'),
             (json_bytes(dict(good, kid="")), '"kid" must be a non-empty string'),
             (json_bytes(dict(good, kid=7)), '"kid" must be a non-empty string'),
             (json_bytes({k: v for k, v in good.items() if k != "x"}), '"x" is missing'),
@@ -2636,7 +2640,7 @@ class HostTest(unittest.TestCase):
                                  ("[::1]:8080", 200), ("issuer.example", 200),
                                  ("issuer.example.", 200), ("10.1.2.3", 200),
                                  ("evil.example", 421), ("localhost.evil.example", 421),
-                                 ("", 421)]:
+                                 ("localhost..", 421), ("", 421)]:
                 with self.subTest(host=host):
                     responses = exchange(server, b"GET /auth/jwks HTTP/1.1\r\nHost: %s\r\n\r\n"
                                          % host.encode())
