@@ -56,6 +56,7 @@ import struct
 import sys
 import threading
 import time
+import unicodedata
 from dataclasses import dataclass, replace
 from http import HTTPStatus
 from http.server import ThreadingHTTPServer
@@ -425,9 +426,10 @@ def sign_jws(private_key, header_segment, payload_segment):
 # What a subject (or a user name) may not hold: characters that hide or
 # disguise what a log line, a Vault policy or an admin's screen shows.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1 (Unicode category Cc)
-_DISGUISE = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"  # bidi controls (UAX #9)
-                       "\u2028\u2029"  # line and paragraph separators
-                       "\u200b\u2060\ufeff]")  # zero-width space, word joiner, BOM
+_INVISIBLE = re.compile("[\u2028\u2029"  # line and paragraph separators (Zl, Zp)
+                        "\u034f\ufe00-\ufe0f\U000e0100-\U000e01ef"  # grapheme joiner, variation selectors
+                        "\u115f\u1160\u3164\uffa0\u2800]")  # Hangul fillers, braille blank: blank letters
+_JOINERS = "\u200c\u200d"  # format characters (Cf) that Persian, Indic scripts and emoji need
 _SURROGATE = re.compile("[\ud800-\udfff]")  # "\ud800" is valid JSON but no Unicode text
 
 
@@ -439,10 +441,14 @@ def subject_problem(name):
         return "is longer than %d characters" % MAX_NAME_CHARS
     if _CONTROL.search(name):
         return "must not contain control characters"
-    if _DISGUISE.search(name):
-        return "must not contain bidi controls, line separators or zero-width characters"
     if _SURROGATE.search(name):
         return "is not valid Unicode"
+    if not name.isascii():
+        categories = {unicodedata.category(c) for c in name if c not in _JOINERS}
+        if "Cf" in categories or _INVISIBLE.search(name):  # Cf: bidi controls, zero-width, tags
+            return "must not contain invisible or formatting characters"
+        if "Cn" in categories or "Co" in categories:
+            return "must not contain unassigned or private-use characters"
     if name.isspace():
         return "must not be only whitespace"
     return None
@@ -1101,6 +1107,11 @@ def load_users(path):
         raise ConfigError("auth file %s %s" % (path, error)) from None
     if not users:
         log.warning("auth file %s has no users: every token request is refused", path)
+    settings = {(hashed.scheme, hashed.work) for hashed in users.values()}
+    if len(settings) > 1:  # an unknown name costs the costliest: a cheaper hash answers sooner
+        log.warning("auth file %s holds hashes of %d different costs: a user with a cheaper "
+                    "one answers faster than an unknown name, which tells that the name exists; "
+                    "hash-password them all with the same settings", path, len(settings))
     _warn_if_others_can_read("auth file", path, mode)
     return users
 

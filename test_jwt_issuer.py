@@ -50,6 +50,7 @@ import tempfile
 import termios
 import threading
 import time
+import unicodedata
 import unittest
 import warnings
 from dataclasses import replace
@@ -1374,7 +1375,7 @@ class SubjectTest(unittest.TestCase):
                 json_bytes({"name": "👩\u200d💻"}): "👩\u200d💻"}
         for body, name in good.items():
             self.assertEqual(subject_from_body(body), name)
-        disguise = "name must not contain bidi controls, line separators or zero-width characters"
+        disguise = "name must not contain invisible or formatting characters"
         bad = {
             b"": "body is not valid JSON: Expecting value: line 1 column 1 (char 0)",
             b"{": "body is not valid JSON: Expecting property name enclosed in double quotes: "
@@ -1408,6 +1409,21 @@ class SubjectTest(unittest.TestCase):
             b'{"name": "a\\u2028b"}': disguise, b'{"name": "a\\u2029b"}': disguise,
             b'{"name": "vish\\u200bpat"}': disguise, b'{"name": "a\\u2060b"}': disguise,
             b'{"name": "\\ufeffvishpat"}': disguise,
+            # more that render as nothing, or as a blank: soft hyphen, Mongolian vowel
+            # separator, invisible operators, tags, grapheme joiner, variation selectors,
+            # Hangul fillers, braille blank
+            json_bytes({"name": "al\u00adice"}): disguise, json_bytes({"name": "a\u180eb"}): disguise,
+            json_bytes({"name": "a\u2061b"}): disguise, json_bytes({"name": "a\u206ab"}): disguise,
+            json_bytes({"name": "a\U000e0041"}): disguise, json_bytes({"name": "a\u034fb"}): disguise,
+            json_bytes({"name": "alice\ufe0f"}): disguise,
+            json_bytes({"name": "a\U000e0100"}): disguise, json_bytes({"name": "\u3164"}): disguise,
+            json_bytes({"name": "\u115f"}): disguise, json_bytes({"name": "\u2800"}): disguise,
+            json_bytes({"name": "a\U0001d173"}): disguise, json_bytes({"name": "a\ufff9"}): disguise,
+            # unassigned (and noncharacters) and private use
+            json_bytes({"name": "a\ufffe"}): "name must not contain unassigned or private-use "
+                                              "characters",
+            json_bytes({"name": "a\ue000"}): "name must not contain unassigned or private-use "
+                                              "characters",
             b'{"name": " "}': "name must not be only whitespace",
             b'{"name": "\\u3000\\u00a0 "}': "name must not be only whitespace",
         }
@@ -1856,6 +1872,22 @@ class FileTest(TempDirTestCase):
             jwt_issuer.load_users(self.write("latin1", b"alice\xff:x"))
         self.assertEqual(str(caught.exception), "auth file %s is not UTF-8"
                          % os.path.join(self.dir, "latin1"))
+
+    def test_hashes_of_different_costs_are_warned_of(self):
+        # A user with a cheaper hash than the costliest answers faster than an
+        # unknown name (which costs the costliest): the file should not mix them.
+        same = self.write("same", hash_file_line("a", "x") + "\n" + hash_file_line("b", "y") + "\n")
+        with self.assertNoLogs("jwt_issuer", "WARNING") if hasattr(self, "assertNoLogs") \
+                else contextlib.nullcontext():
+            self.assertEqual(sorted(jwt_issuer.load_users(same)), ["a", "b"])
+        mixed = self.write("mixed", hash_file_line("a", "x") + "\n"
+                           + hash_file_line("b", "y", settings="ln=15,r=8,p=1") + "\n")
+        with self.assertLogs("jwt_issuer", "WARNING") as logs:
+            jwt_issuer.load_users(mixed)
+        self.assertEqual([r.getMessage() for r in logs.records], [
+            "auth file %s holds hashes of 2 different costs: a user with a cheaper one answers "
+            "faster than an unknown name, which tells that the name exists; hash-password them "
+            "all with the same settings" % mixed])
 
 
 # ---------------------------------------------------------------- the Issuer: what a reload replaces
@@ -2589,9 +2621,11 @@ class HostileTest(unittest.TestCase):
         statuses = self.send(post(json.dumps(document).encode()))
         name = document.get("name") if isinstance(document, dict) else None
         # an independent statement of the subject rules (README "Endpoints")
+        blank = "\u034f\u115f\u1160\u3164\uffa0\u2800"  # joiner, fillers, braille blank
         good = (isinstance(name, str) and 0 < len(name) <= 256 and not name.isspace()
-                and not re.search("[\x00-\x1f\x7f-\x9f\u061c\u200b\u200e\u200f\u2028-\u202e"
-                                  "\u2060\u2066-\u2069\ufeff\ud800-\udfff]", name))
+                and all(c in "\u200c\u200d" or c not in blank and not 0xfe00 <= ord(c) <= 0xfe0f
+                        and not 0xe0100 <= ord(c) <= 0xe01ef and unicodedata.category(c)
+                        not in ("Cc", "Cf", "Cn", "Co", "Cs", "Zl", "Zp") for c in name))
         self.assertEqual(statuses, [200] if good else [400])
         if good:
             self.assertEqual(segments(self.tokens[-1])[1]["sub"], name)
