@@ -638,6 +638,7 @@ _HTTP_VERSION = re.compile(r"HTTP/[0-9]\.[0-9]")
 # ends in CRLF, or LF alone (RFC 9112 §2.2).
 _FIELD_LINES = re.compile("(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*\r?\n)*")
 _HEAD_END = re.compile(rb"\n\r?\n")
+_TOKEN_START = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]")  # a method's first byte (RFC 9110 §5.6.2)
 _LEADING_EMPTY_LINES = re.compile(rb"[\r\n]{0,%d}" % (2 * MAX_EMPTY_LINES + 1))
 _AUTHORITY = re.compile(r"(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9._~!$&'()*+,;=%-]*))(?::[0-9]*)?")
 _ABSOLUTE_FORM = re.compile(r"(?i:https?)://([^/?#]*)([^?#]*)")
@@ -723,6 +724,8 @@ def parse_head(data):
     if line_end < 0:
         if len(data) - start > MAX_REQUEST_LINE_BYTES:
             raise _head_error(414, "request line is longer than %d bytes" % MAX_REQUEST_LINE_BYTES)
+        if not _TOKEN_START.match(data, start, start + 1) and len(data) > start:
+            raise _head_error(400, "malformed request line")  # not HTTP: a TLS hello, say
     else:
         # §2.2: "a recipient MAY recognize a single LF as a line terminator and
         # ignore any preceding CR"; a CR anywhere else fails the checks below.

@@ -1577,6 +1577,7 @@ HEAD_CASES = [
     ("HTTP/2.0", b"GET /auth/jwks HTTP/2.0\r\nHost: x\r\n\r\n", 505),
     ("the HTTP/2 preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505),
     ("a TLS ClientHello with a line end", b"\x16\x03\x01\x02\x00\x01\r\n", 400),
+    ("a TLS ClientHello, refused at its first byte", b"\x16", 400),
     ("a TAB in an absolute target", b"GET http://x/auth/tok\ten HTTP/1.1\r\nHost: x\r\n\r\n", 400),
     ("a CR in an absolute target", b"GET http://x/auth/tok\ren HTTP/1.1\r\nHost: x\r\n\r\n", 400),
     ("a TAB in a path", b"GET /auth/\tjwks HTTP/1.1\r\nHost: x\r\n\r\n", 400),
@@ -1682,6 +1683,7 @@ class HeadTest(unittest.TestCase):
                 head = parse_head(data)
                 self.assertEqual((head.path, head.host, head.keep_alive), (path, host, keep_alive))
         self.assertIsNone(parse_head(b"GET / HTTP/1.1\r\nHost: x\r\n"))  # not all there yet
+        self.assertIsNone(parse_head(b"G"))  # a request line begun
 
     @settings(max_examples=500, deadline=None, database=None)
     @given(st.binary(max_size=300) | st.builds(
@@ -2401,7 +2403,8 @@ HOSTILE_REQUESTS = [
     ("duplicate names", post(b'{"name": "vishpat", "name": "root"}'), [400]),
     ("nested 2000 deep", post(b"[" * 2000 + b"]" * 2000), [400]),
     ("body over 4 KiB", post(json_bytes({"name": "a" * 5000})) + FOLLOW_UP, [413]),
-    ("no Content-Length", post(BODY, length=False), [411]),
+    # no length is a length of 0 (RFC 9112 §6.3): the body is then the next request, not HTTP
+    ("no Content-Length", post(BODY, length=False), [411, 400]),
     ("Content-Length -1", post(BODY, length=b"-1") + FOLLOW_UP, [400]),
     ("Content-Length abc", post(BODY, length=b"abc") + FOLLOW_UP, [400]),
     ("Content-Length +19", post(BODY, length=b"+19") + FOLLOW_UP, [400]),
@@ -2428,8 +2431,8 @@ HOSTILE_REQUESTS = [
     ("two Hosts", b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n" + FOLLOW_UP, [400]),
     ("garbage", b"\x00\x01\x02\x03\r\n\r\n", [400]),
     ("words", b"hello world\r\n\r\n", [400]),
-    # no line end before the client closes: nothing to answer, the connection just ends
-    ("a TLS ClientHello", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(32), []),
+    # not HTTP from its first byte: refused then, not at the line end or the deadline
+    ("a TLS ClientHello", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(32), [400]),
     ("a TLS ClientHello with a line end", b"\x16\x03\x01\x02\x00\x01\r\n", [400]),
     ("the HTTP/2 preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", [505]),
     ("HTTP/1.2, served as 1.1", b"GET /healthz HTTP/1.2\r\nHost: localhost\r\n\r\n", [200]),
