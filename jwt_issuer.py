@@ -719,7 +719,8 @@ def parse_head(data):
                           % MAX_EMPTY_LINES)
     line_end = data.find(b"\n", start)
     end = None if line_end < 0 else _HEAD_END.search(data, line_end)
-    if data.count(b"\n", start, len(data) if end is None else end.end()) > MAX_FIELDS + 2:
+    head_end = len(data) if end is None else end.end()
+    if head_end - start > MAX_FIELDS + 2 and data.count(b"\n", start, head_end) > MAX_FIELDS + 2:
         raise _head_error(431, "more than %d header fields" % MAX_FIELDS)
     if line_end < 0:
         if len(data) - start > MAX_REQUEST_LINE_BYTES:
@@ -733,7 +734,7 @@ def parse_head(data):
         method, target, path, version, authority = _request_line(
             line[:-1] if line.endswith("\r") else line)
     field_lines = data[line_end + 1:len(data) if end is None else end.start() + 1]
-    if (len(data) if end is None else end.end()) > MAX_HEAD_BYTES:
+    if head_end > MAX_HEAD_BYTES:
         # the same answer whether the head came whole or was cut at the limit
         if any(len(line) > MAX_FIELD_LINE_BYTES + 1 for line in field_lines.split(b"\n")):
             raise _head_error(431, "a header field line is over %d bytes" % MAX_FIELD_LINE_BYTES)
@@ -742,7 +743,7 @@ def parse_head(data):
         return None
     text = field_lines.decode("iso-8859-1")
     lines = text.split("\n")[:-1]
-    if lines and max(map(len, lines)) > MAX_FIELD_LINE_BYTES + 1:  # + 1: a CR
+    if len(text) > MAX_FIELD_LINE_BYTES + 1 and max(map(len, lines)) > MAX_FIELD_LINE_BYTES + 1:
         raise _head_error(431, "a header field line is over %d bytes" % MAX_FIELD_LINE_BYTES)
     # §5.1: "No whitespace is allowed between the field name and colon ... a
     # server MUST reject, with a response status code of 400"; §5.2: nor is
@@ -1604,7 +1605,7 @@ class Metrics:
         ("key_reload_failures_total", "Key file reloads that failed, keeping the keys."),
         ("connections_refused_total", "Connections refused with 503: no slot was free and "
                                       "none could be made."),
-        ("connections_evicted_total", "Connections closed to make room for another client's."),
+        ("connections_evicted_total", "Connections closed to make room for a new one."),
         ("log_lines_dropped_total", "Log lines stderr would not take."),
     )
     # A row: the counters, then per endpoint: a count per status, a count per
