@@ -3219,6 +3219,9 @@ class AuthProcessTest(TempDirTestCase):
         import pty
         pid, fd = pty.fork()
         if pid == 0:  # the child: the command, on the terminal
+            # as at a terminal: Ctrl-C interrupts, even where this suite was started in the
+            # background, by a shell that ignores SIGINT in what it starts there
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.execv(sys.executable, [sys.executable, MODULE, "hash-password"])
         output = b""
         try:
@@ -3229,6 +3232,7 @@ class AuthProcessTest(TempDirTestCase):
                     output += os.read(fd, 1024)
                 os.write(fd, answer)
             while True:
+                self.assertTrue(select.select([fd], [], [], 10)[0], output)
                 try:
                     chunk = os.read(fd, 1024)
                 except OSError:  # EIO: the child is gone
