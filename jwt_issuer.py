@@ -296,6 +296,8 @@ def parse_jwk(jwk):
         d = _jwk_integer(jwk, "d")
         if not 0 < d < P256_ORDER:
             raise ValueError('"d" is not a P-256 private key')
+        if kid is not None and kid == jwk["d"]:
+            raise ValueError('"kid" must not be the private key "d": it is published')
         private_key = ec.derive_private_key(d, P256)
         if private_key.public_key().public_numbers() != public_key.public_numbers():
             raise ValueError('"x" and "y" do not match "d"')
@@ -534,7 +536,7 @@ class PasswordHash:
             salt, digest = _unb64(salt), _unb64(digest)
         except (KeyError, ValueError):
             raise ValueError("malformed %s settings, salt or hash" % scheme) from None
-        if given or len(salt) < 8 or len(digest) < 16 or not all(p > 0 for p in params):
+        if given or len(salt) < 8 or not 16 <= len(digest) <= 64 or not all(p > 0 for p in params):
             raise ValueError("malformed %s settings, salt or hash" % scheme)
         if scheme == "scrypt":
             log2_n, r, p = params
@@ -551,13 +553,18 @@ class PasswordHash:
         elif not PBKDF2_FLOOR_ITERATIONS <= params[0] <= PBKDF2_MAX_ITERATIONS:
             raise ValueError("pbkdf2-sha256 needs %d to %d iterations, not %d"
                              % (PBKDF2_FLOOR_ITERATIONS, PBKDF2_MAX_ITERATIONS, params[0]))
-        return cls(scheme, params, salt, digest)
+        hashed = cls(scheme, params, salt, digest)
+        if hashed.work > PBKDF2_MAX_ITERATIONS and scheme == "pbkdf2-sha256":
+            raise ValueError("pbkdf2-sha256 with a %d-byte hash costs %d iterations, over %d"
+                             % (len(digest), hashed.work, PBKDF2_MAX_ITERATIONS))
+        return hashed
 
     @property
     def work(self):
-        """How costly a check is, comparable within a scheme."""
+        """How costly a check is, comparable within a scheme: PBKDF2 runs its
+        iterations once for each 32 bytes of the hash (RFC 8018 §5.2)."""
         return (2 ** self.params[0]) * self.params[1] * self.params[2] \
-            if self.scheme == "scrypt" else self.params[0]
+            if self.scheme == "scrypt" else self.params[0] * -(-len(self.digest) // 32)
 
     def derive(self, password):
         import hashlib
@@ -589,8 +596,8 @@ def hash_password(password, salt):
 def check_user_name(name):
     """A name that HTTP Basic can carry (RFC 7617 §2: no colon) and a log can show."""
     if ":" in name or subject_problem(name) is not None:
-        raise ValueError("a user name must be 1-%d characters, with no colon, control, bidi "
-                         "or zero-width character, and not only whitespace" % MAX_NAME_CHARS)
+        raise ValueError("a user name must be 1-%d characters, with no colon, control or "
+                         "invisible character, and not only whitespace" % MAX_NAME_CHARS)
     return name
 
 
@@ -1120,6 +1127,11 @@ def load_users(path):
     return users
 
 
+def _no_passphrase(path):
+    raise ConfigError("TLS key %s is encrypted; give it unencrypted, readable by this user "
+                      "alone" % path)
+
+
 def load_tls_context(config):
     """TLS 1.2 and up, AEAD suites only; with a client CA, the handshake asks for
     a client certificate (and checks one that comes) but does not demand one:
@@ -1135,7 +1147,7 @@ def load_tls_context(config):
         try:
             context.load_cert_chain(*(
                 "/dev/fd/%d" % file.fileno() if os.path.isdir("/dev/fd") else file.name
-                for file in (cert, key)))
+                for file in (cert, key)), password=lambda: _no_passphrase(config.tls_key))  # no prompt
         except (OSError, ssl.SSLError) as error:
             raise ConfigError("cannot load the TLS certificate %s and key %s: %s" % (
                 config.tls_cert, config.tls_key, getattr(error, "strerror", None) or error)
@@ -1144,7 +1156,7 @@ def load_tls_context(config):
         data, _ = read_file(config.tls_client_ca, "client CA", MAX_TLS_FILE_BYTES)
         try:
             context.load_verify_locations(cadata=data.decode("ascii"))
-        except (UnicodeDecodeError, ssl.SSLError) as error:
+        except (ValueError, ssl.SSLError) as error:  # UnicodeDecodeError, no certificate
             raise ConfigError("cannot load the client CA %s: %s" % (
                 config.tls_client_ca, getattr(error, "reason", None) or error)) from None
         context.verify_mode = ssl.CERT_OPTIONAL

@@ -1212,6 +1212,9 @@ class KeyTest(TempDirTestCase):
             (json_bytes(dict(good, crv=["P-256"])), '"crv" must be "P-256", not JSON list'),
             (json_bytes(dict(good, kid="")), '"kid" must be a non-empty string'),
             (json_bytes(dict(good, kid=7)), '"kid" must be a non-empty string'),
+            # a misplaced secret would be published in the JWKS and every token header
+            (json_bytes(dict(good, kid=good["d"])), '"kid" must not be the private key "d": it '
+                                                    'is published'),
             (json_bytes({k: v for k, v in good.items() if k != "x"}), '"x" is missing'),
             (json_bytes(dict(good, x=good["x"] + "=")),
              '"x" is not base64url (RFC 7515 §2: "-" and "_", no "=" padding)'),
@@ -1496,6 +1499,11 @@ class PasswordTest(unittest.TestCase):
              "pbkdf2-sha256 needs 100000 to 2000000 iterations, not 100000000"),
             ("$pbkdf2-sha256$rounds=600000$%s$%s" % (salt, digest),
              "malformed pbkdf2-sha256 settings, salt or hash"),
+            # PBKDF2 runs its iterations once per 32 bytes of hash: the cap counts them all
+            ("$pbkdf2-sha256$i=1500000$%s$%s" % (salt, "A" * 86),
+             "pbkdf2-sha256 with a 64-byte hash costs 3000000 iterations, over 2000000"),
+            ("$scrypt$ln=14,r=8,p=1$%s$%s" % (salt, "A" * 88),
+             "malformed scrypt settings, salt or hash"),
         ]
         for text, message in cases:
             with self.subTest(text=text):
@@ -1505,6 +1513,9 @@ class PasswordTest(unittest.TestCase):
         for within in ("$scrypt$ln=16,r=8,p=2$%s$%s", "$scrypt$ln=15,r=16,p=1$%s$%s",
                        "$pbkdf2-sha256$i=2000000$%s$%s"):
             jwt_issuer.PasswordHash.parse(within % (salt, digest))
+        short, long = (jwt_issuer.PasswordHash.parse("$pbkdf2-sha256$i=600000$%s$%s" % (salt, d))
+                       for d in (digest, "A" * 86))
+        self.assertEqual((short.work, long.work), (600000, 1200000))
 
     def test_auth_file(self):
         alice = jwt_issuer.hash_password("a", os.urandom(16))
@@ -1512,8 +1523,8 @@ class PasswordTest(unittest.TestCase):
                                            % (alice, alice))
         self.assertEqual(sorted(users), ["alice", "bob"])
         self.assertEqual(jwt_issuer.parse_auth_file("# everyone revoked\n"), {})
-        name_rule = ("a user name must be 1-256 characters, with no colon, control, bidi or "
-                     "zero-width character, and not only whitespace")
+        name_rule = ("a user name must be 1-256 characters, with no colon, control or "
+                     "invisible character, and not only whitespace")
         cases = [
             ("alice:%s\nbob\n" % alice, "line 2: expected user:HASH"),
             ("alice:%s\nalice:%s\n" % (alice, alice), 'line 2: user "alice" appears twice'),
@@ -1884,6 +1895,11 @@ class FileTest(TempDirTestCase):
             self.assertEqual(sorted(jwt_issuer.load_users(same)), ["a", "b"])
         mixed = self.write("mixed", hash_file_line("a", "x") + "\n"
                            + hash_file_line("b", "y", settings="ln=15,r=8,p=1") + "\n")
+        pbkdf2 = self.write("pbkdf2", "a:" + fake_hash("pbkdf2-sha256", "i=600000") + "\nb:$pbkdf2"
+                            "-sha256$i=600000$%s$%s\n" % ("A" * 22, "A" * 86))
+        with self.assertLogs("jwt_issuer", "WARNING") as logs:
+            jwt_issuer.load_users(pbkdf2)
+        self.assertIn("holds hashes of 2 different costs", logs.records[0].getMessage())
         with self.assertLogs("jwt_issuer", "WARNING") as logs:
             jwt_issuer.load_users(mixed)
         self.assertEqual([r.getMessage() for r in logs.records], [
@@ -3274,6 +3290,11 @@ class AuthProcessTest(TempDirTestCase):
         good_users = self.write("users", "alice:%s\n"
                                 % jwt_issuer.hash_password("pw", os.urandom(16)))
         bad_users = self.write("bad-users", "# users\nalice\n")
+        with open(pki.server_key, "rb") as f:
+            server_key = serialization.load_pem_private_key(f.read(), None)
+        encrypted = self.write("encrypted.key", pem(
+            server_key, encryption=serialization.BestAvailableEncryption(b"secret")))
+        empty = self.write("empty.pem", "")
         cases = [
             (["--auth-file", bad_users], "auth file %s line 2: expected user:HASH" % bad_users),
             (["--auth-file", self.dir + "/none"], "auth file %s/none does not exist" % self.dir),
@@ -3283,6 +3304,11 @@ class AuthProcessTest(TempDirTestCase):
              "cannot load the TLS certificate %s and key %s: " % (good_users, pki.server_key)),
             (["--tls-cert", pki.server_cert, "--tls-key", pki.server_key, "--tls-client-ca",
               good_users], "cannot load the client CA %s: " % good_users),
+            # never OpenSSL's passphrase prompt, which would hang a start or a reload
+            (["--tls-cert", pki.server_cert, "--tls-key", encrypted],
+             "TLS key %s is encrypted; give it unencrypted" % encrypted),
+            (["--tls-cert", pki.server_cert, "--tls-key", pki.server_key, "--tls-client-ca",
+              empty], "cannot load the client CA %s: " % empty),
             (["--auth-file", ""], "--auth-file must name a file"),
         ]
         key = self.key_file()
