@@ -429,9 +429,13 @@ def sign_jws(private_key, header_segment, payload_segment):
 # disguise what a log line, a Vault policy or an admin's screen shows.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1 (Unicode category Cc)
 _INVISIBLE = re.compile("[\u2028\u2029"  # line and paragraph separators (Zl, Zp)
-                        "\u034f\ufe00-\ufe0f\U000e0100-\U000e01ef"  # grapheme joiner, variation selectors
-                        "\u115f\u1160\u3164\uffa0\u2800]")  # Hangul fillers, braille blank: blank letters
-_JOINERS = "\u200c\u200d"  # format characters (Cf) that Persian, Indic scripts and emoji need
+                        "\u034f\u115f\u1160\u3164\uffa0\u2800]")  # grapheme joiner, blank letters
+# What emoji, Persian, Indic and CJK names need: the two zero-width joiners
+# between letters, variation selectors after one; a flag's tag sequence.
+_JOINERS_AND_SELECTORS = "\u200c\u200d\ufe00-\ufe0f\U000e0100-\U000e01ef"
+_LOOSE = re.compile("(?:^|(?<=[\x00-\x7f]))[%s](?!\u20e3)|[\u200c\u200d]$"  # \u20e3: keycaps
+                    % _JOINERS_AND_SELECTORS)
+_TAG_SEQUENCE = re.compile("\U0001f3f4[\U000e0020-\U000e007e]+\U000e007f")  # e.g. England's flag
 _SURROGATE = re.compile("[\ud800-\udfff]")  # "\ud800" is valid JSON but no Unicode text
 
 
@@ -446,8 +450,9 @@ def subject_problem(name):
     if _SURROGATE.search(name):
         return "is not valid Unicode"
     if not name.isascii():
-        categories = {unicodedata.category(c) for c in name if c not in _JOINERS}
-        if "Cf" in categories or _INVISIBLE.search(name):  # Cf: bidi controls, zero-width, tags
+        kept = re.sub("[%s]" % _JOINERS_AND_SELECTORS, "", _TAG_SEQUENCE.sub("\U0001f3f4", name))
+        categories = {unicodedata.category(c) for c in kept}
+        if "Cf" in categories or _INVISIBLE.search(name) or _LOOSE.search(name):
             return "must not contain invisible or formatting characters"
         if "Cn" in categories or "Co" in categories:
             return "must not contain unassigned or private-use characters"

@@ -1368,6 +1368,9 @@ class SigningTest(unittest.TestCase):
         self.assertEqual(verify_with_pyjwt(token, json.loads(keys.jwks_body))["sub"], "zoë ☃ 𝄞")
 
 
+ENGLAND = "\U0001f3f4\U000e0067\U000e0062\U000e0065\U000e006e\U000e0067\U000e007f"
+
+
 class SubjectTest(unittest.TestCase):
     def test_subject_from_body(self):
         good = {b'{"name": "vishpat"}': "vishpat", b'{"name":"x","other":1}': "x",
@@ -1375,7 +1378,11 @@ class SubjectTest(unittest.TestCase):
                 b'{"name": "\\u00e9"}': "é", b'{"name": " spaced "}': " spaced ",
                 # joiners that Persian and emoji need are not disguises
                 json_bytes({"name": "می\u200cخواهم"}): "می\u200cخواهم",
-                json_bytes({"name": "👩\u200d💻"}): "👩\u200d💻"}
+                json_bytes({"name": "👩\u200d💻"}): "👩\u200d💻",
+                # nor are the variation selectors and tags that emoji, flags and CJK names need
+                json_bytes({"name": "❤\ufe0f"}): "❤\ufe0f", json_bytes({"name": "1\ufe0f\u20e3"}):
+                "1\ufe0f\u20e3", json_bytes({"name": "🏳\ufe0f\u200d🌈"}): "🏳\ufe0f\u200d🌈",
+                json_bytes({"name": ENGLAND}): ENGLAND, json_bytes({"name": "葛\U000e0100"}): "葛\U000e0100"}
         for body, name in good.items():
             self.assertEqual(subject_from_body(body), name)
         disguise = "name must not contain invisible or formatting characters"
@@ -1418,7 +1425,10 @@ class SubjectTest(unittest.TestCase):
             json_bytes({"name": "al\u00adice"}): disguise, json_bytes({"name": "a\u180eb"}): disguise,
             json_bytes({"name": "a\u2061b"}): disguise, json_bytes({"name": "a\u206ab"}): disguise,
             json_bytes({"name": "a\U000e0041"}): disguise, json_bytes({"name": "a\u034fb"}): disguise,
-            json_bytes({"name": "alice\ufe0f"}): disguise,
+            json_bytes({"name": "alice\ufe0f"}): disguise, json_bytes({"name": "\ufe0fx"}): disguise,
+            # the joiners only between two letters that are not ASCII
+            json_bytes({"name": "\u200d"}): disguise, json_bytes({"name": "admin\u200d"}): disguise,
+            json_bytes({"name": "ad\u200cmin"}): disguise, json_bytes({"name": "\U000e0067"}): disguise,
             json_bytes({"name": "a\U000e0100"}): disguise, json_bytes({"name": "\u3164"}): disguise,
             json_bytes({"name": "\u115f"}): disguise, json_bytes({"name": "\u2800"}): disguise,
             json_bytes({"name": "a\U0001d173"}): disguise, json_bytes({"name": "a\ufff9"}): disguise,
@@ -2640,11 +2650,17 @@ class HostileTest(unittest.TestCase):
         statuses = self.send(post(json.dumps(document).encode()))
         name = document.get("name") if isinstance(document, dict) else None
         # an independent statement of the subject rules (README "Endpoints")
-        blank = "\u034f\u115f\u1160\u3164\uffa0\u2800"  # joiner, fillers, braille blank
+        blank = "\u034f\u115f\u1160\u3164\uffa0\u2800"  # grapheme joiner, fillers, braille blank
+
+        def fits(i, c):
+            if c in "\u200c\u200d" or 0xfe00 <= ord(c) <= 0xfe0f or 0xe0100 <= ord(c) <= 0xe01ef:
+                after_a_letter = i > 0 and not name[i - 1].isascii()
+                keycap = name[i + 1:i + 2] == "\u20e3"
+                return (after_a_letter or keycap) and not (c in "\u200c\u200d" and i == len(name) - 1)
+            return c not in blank and unicodedata.category(c) not in (
+                "Cc", "Cf", "Cn", "Co", "Cs", "Zl", "Zp")
         good = (isinstance(name, str) and 0 < len(name) <= 256 and not name.isspace()
-                and all(c in "\u200c\u200d" or c not in blank and not 0xfe00 <= ord(c) <= 0xfe0f
-                        and not 0xe0100 <= ord(c) <= 0xe01ef and unicodedata.category(c)
-                        not in ("Cc", "Cf", "Cn", "Co", "Cs", "Zl", "Zp") for c in name))
+                and all(fits(i, c) for i, c in enumerate(name)))
         self.assertEqual(statuses, [200] if good else [400])
         if good:
             self.assertEqual(segments(self.tokens[-1])[1]["sub"], name)
