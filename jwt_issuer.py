@@ -1884,9 +1884,11 @@ class RequestHandler(socketserver.StreamRequestHandler):
             if not data:
                 return None
             buffer += data
-            # a head can only end, or break a limit, on a new line or as it grows past one
-            if b"\n" in data or any(len(buffer) - len(data) <= limit < len(buffer)
-                                    for limit in (MAX_REQUEST_LINE_BYTES, MAX_HEAD_BYTES)):
+            # a head can only end or break a rule on a new line, in its first bytes (no
+            # method), or as it grows past a limit
+            if b"\n" in data or len(buffer) - len(data) <= 2 * MAX_EMPTY_LINES or any(
+                    len(buffer) - len(data) <= limit < len(buffer)
+                    for limit in (MAX_REQUEST_LINE_BYTES, MAX_HEAD_BYTES)):
                 head = parse_head(buffer)
         del buffer[:head.size]
         self.head = head

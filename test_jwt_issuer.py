@@ -2602,6 +2602,20 @@ class HostileTest(unittest.TestCase):
     def test_an_idle_connection_is_closed(self):
         self.assertAlmostEqual(self.stalled(b""), self.server.idle_timeout, delta=0.5)
 
+    def test_a_tls_hello_after_an_empty_line_is_refused_when_it_comes(self):
+        # The first byte of a request line decides, whatever came before it and
+        # in however many pieces: here an empty line, then a TLS ClientHello.
+        with socket.create_connection(("127.0.0.1", self.server.server_address[1])) as sock:
+            sock.sendall(b"\r\n")
+            time.sleep(0.2)
+            sent = time.monotonic()
+            sock.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+            sock.settimeout(5)
+            response = read_response(sock.makefile("rb"))
+        self.assertIsNotNone(response)
+        self.assertEqual(response[0], 400)
+        self.assertLess(time.monotonic() - sent, self.server.request_timeout / 2)
+
     def test_an_answer_the_client_does_not_read_is_given_up_on(self):
         # A client that asks and asks but never reads: once the kernel's buffers
         # are full, the answer being written has WRITE_TIMEOUT_SECONDS, not for ever.
