@@ -2560,10 +2560,10 @@ def read_password():
             password = password[:-1] if password.endswith("\r") else password
     except UnicodeDecodeError:
         raise ConfigError("the password is not UTF-8") from None
-    except EOFError:  # Ctrl-D at a prompt
-        raise ConfigError("no password given") from None
-    except KeyboardInterrupt:
-        raise ConfigError("interrupted") from None
+    except (EOFError, KeyboardInterrupt) as stop:  # Ctrl-D or Ctrl-C at a prompt
+        print(file=sys.stderr)  # off the prompt's line
+        raise ConfigError("no password given" if isinstance(stop, EOFError) else "interrupted"
+                          ) from None
     if not password:
         raise ConfigError("the password is empty")
     return password
@@ -2595,6 +2595,9 @@ def main(argv=None, environ=None):
     except ConfigError as error:
         print("jwt_issuer: error: %s" % error, file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:  # before the server's own handlers, or while a command works
+        print("jwt_issuer: interrupted", file=sys.stderr, flush=True)
+        return 130
 
 
 if __name__ == "__main__":
