@@ -433,6 +433,7 @@ _INVISIBLE = re.compile("[\u2028\u2029"  # line and paragraph separators (Zl, Zp
 # What emoji, Persian, Indic and CJK names need: the two zero-width joiners
 # between letters, variation selectors after one; a flag's tag sequence.
 _JOINERS_AND_SELECTORS = "\u200c\u200d\ufe00-\ufe0f\U000e0100-\U000e01ef"
+_JOINER_OR_SELECTOR = re.compile("[%s]" % _JOINERS_AND_SELECTORS)
 _LOOSE = re.compile("(?:^|(?<=[\x00-\x7f]))[%s](?!\u20e3)|[\u200c\u200d]$"  # \u20e3: keycaps
                     % _JOINERS_AND_SELECTORS)
 _TAG_SEQUENCE = re.compile("\U0001f3f4[\U000e0020-\U000e007e]+\U000e007f")  # e.g. England's flag
@@ -450,7 +451,7 @@ def subject_problem(name):
     if _SURROGATE.search(name):
         return "is not valid Unicode"
     if not name.isascii():
-        kept = re.sub("[%s]" % _JOINERS_AND_SELECTORS, "", _TAG_SEQUENCE.sub("\U0001f3f4", name))
+        kept = _JOINER_OR_SELECTOR.sub("", _TAG_SEQUENCE.sub("\U0001f3f4", name))
         categories = {unicodedata.category(c) for c in kept}
         if "Cf" in categories or _INVISIBLE.search(name) or _LOOSE.search(name):
             return "must not contain invisible or formatting characters"
@@ -559,7 +560,7 @@ class PasswordHash:
             raise ValueError("pbkdf2-sha256 needs %d to %d iterations, not %d"
                              % (PBKDF2_FLOOR_ITERATIONS, PBKDF2_MAX_ITERATIONS, params[0]))
         hashed = cls(scheme, params, salt, digest)
-        if hashed.work > PBKDF2_MAX_ITERATIONS and scheme == "pbkdf2-sha256":
+        if scheme == "pbkdf2-sha256" and hashed.work > PBKDF2_MAX_ITERATIONS:
             raise ValueError("pbkdf2-sha256 with a %d-byte hash costs %d iterations, over %d"
                              % (len(digest), hashed.work, PBKDF2_MAX_ITERATIONS))
         return hashed
@@ -1880,15 +1881,15 @@ class RequestHandler(socketserver.StreamRequestHandler):
         if head is None or head.size + head.content_length > len(buffer):  # not all in yet
             slot.enter(READING, server.request_timeout)
         while head is None:
-            data = self.rfile.read(READ_CHUNK_BYTES)
+            data, grown_from = self.rfile.read(READ_CHUNK_BYTES), len(buffer)
             if not data:
                 return None
             buffer += data
             # a head can only end or break a rule on a new line, in its first bytes (no
             # method), or as it grows past a limit
-            if b"\n" in data or len(buffer) - len(data) <= 2 * MAX_EMPTY_LINES or any(
-                    len(buffer) - len(data) <= limit < len(buffer)
-                    for limit in (MAX_REQUEST_LINE_BYTES, MAX_HEAD_BYTES)):
+            if b"\n" in data or grown_from <= 2 * MAX_EMPTY_LINES or any(
+                    grown_from <= limit < len(buffer) for limit in (MAX_REQUEST_LINE_BYTES,
+                                                                     MAX_HEAD_BYTES)):
                 head = parse_head(buffer)
         del buffer[:head.size]
         self.head = head
