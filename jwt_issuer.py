@@ -94,6 +94,9 @@ MAX_EMPTY_LINES = 8  # ignored before a request line
 MAX_KEY_FILE_BYTES = 1024 * 1024
 MAX_AUTH_FILE_BYTES = 16 * 1024 * 1024
 MAX_TLS_FILE_BYTES = 1024 * 1024
+MAX_CLAIMS_FILE_BYTES = 1024 * 1024
+MAX_SUBJECT_CLAIMS_BYTES = 4 * 1024  # one subject's claims, "*" merged in, as JSON
+MAX_CLAIM_DEPTH = 32  # how deep a claim's lists and objects may nest
 READ_CHUNK_BYTES = 16 * 1024
 MAX_LOGGED_LINE_CHARS = 1024  # of a request line, in the access log
 
@@ -132,6 +135,12 @@ VERIFIED_CACHE_ENTRIES = 1024
 GUESSES_PER_USER = (10, 6)  # per client address and user: allowed, then one more per N s
 GUESSES_PER_ADDRESS = (50, 1.2)  # per client address over all users: the same
 REALM = "jwt-issuer"
+
+# Claims (--claims): "*" holds everyone's; a subject's own win, member by member.
+# What the issuer sets itself cannot come from the file: a file that set "iss"
+# or "exp" would forge what a verifier trusts the issuer alone for.
+EVERYONE = "*"
+ISSUER_CLAIMS = ("iss", "sub", "aud", "exp", "nbf", "iat", "jti", "client_id")
 
 # Mozilla's "intermediate" TLS 1.2 suites: AEAD only (TLS 1.3 has no others).
 TLS12_CIPHERS = ("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
@@ -210,12 +219,20 @@ def _refuse_constant(name):
     raise ValueError("%s is not JSON" % name)
 
 
-def parse_json(data):
-    """Strict JSON from bytes: UTF-8, no duplicate member names, no NaN or
-    Infinity. Raises ValueError (UnicodeDecodeError is one) with a message."""
+def _finite_number(text):
+    number = float(text)
+    if math.isinf(number):  # 1e400: it would be written back as Infinity, which is not JSON
+        raise ValueError("number %s is out of range" % text[:40])
+    return number
+
+
+def parse_json(data, members=_refuse_duplicate_members):
+    """Strict JSON from bytes: UTF-8, no duplicate member names (MEMBERS makes
+    an object of its (name, value) pairs), no NaN or Infinity, no number too
+    large for a double. Raises ValueError (UnicodeDecodeError is one) with a message."""
     try:
-        return json.loads(data.decode("utf-8"), object_pairs_hook=_refuse_duplicate_members,
-                          parse_constant=_refuse_constant)
+        return json.loads(data.decode("utf-8"), object_pairs_hook=members,
+                          parse_constant=_refuse_constant, parse_float=_finite_number)
     except RecursionError:
         raise ValueError("nested too deeply") from None
 
@@ -390,14 +407,17 @@ def parse_key_file(data):
 
 # ---------------------------------------------------------------- the pure core: claims and signing
 
-def make_claims(sub, *, issuer, audience, ttl, now, jti):
-    """The JWT claims (RFC 7519 §4.1). One audience is a string, several a list (§4.1.3)."""
+def make_claims(sub, *, issuer, audience, ttl, now, jti, extra=None):
+    """The JWT claims (RFC 7519 §4.1), then EXTRA: the subject's from --claims,
+    which cannot hold these names. One audience is a string, several a list (§4.1.3)."""
     claims = {"iss": issuer, "sub": sub}
     if audience:
         claims["aud"] = audience[0] if len(audience) == 1 else list(audience)
     claims["iat"] = claims["nbf"] = now  # in this order: iat, then nbf
     claims["exp"] = now + ttl
     claims["jti"] = jti
+    if extra:
+        claims.update(extra)
     return claims
 
 
@@ -462,9 +482,25 @@ def subject_problem(name):
     return None
 
 
-def subject_from_body(body, required=True):
-    """The "name" of a request body {"name": ...}, checked, or HTTPError 400;
-    None where it is absent and not required."""
+def _kind(value):
+    """What a JSON value is, for a message that must not echo it."""
+    return ("null" if value is None else "a boolean" if isinstance(value, bool)
+            else "an integer" if isinstance(value, int) else "a number" if isinstance(value, float)
+            else "a string" if isinstance(value, str) else "a list" if isinstance(value, list)
+            else "an object")
+
+
+def _shown(text, limit=64):
+    """TEXT quoted for a message, escaped, and cut to LIMIT characters."""
+    return json.dumps(text if len(text) <= limit else text[:limit] + "...")
+
+
+def token_body(body, *, audience, ttl, name_required=True):
+    """(name, audience, ttl) that a JSON token request body {"name": ...,
+    "audience": ..., "ttl": ...} asks for, each checked, or HTTPError 400. The
+    name is None where it is absent and not required; the audience and ttl
+    are the configured AUDIENCE and TTL where absent. Other members are
+    ignored, as OAuth 2.0 ignores unknown parameters (RFC 6749 §3.2)."""
     try:
         document = parse_json(body)
     except UnicodeDecodeError:
@@ -474,19 +510,133 @@ def subject_from_body(body, required=True):
     if not isinstance(document, dict):
         raise HTTPError(400, "invalid_request", "body must be a JSON object")
     name = document.get("name")
-    if name is None and not required:
-        return None
-    if name is None:
+    if name is None and name_required:
         raise HTTPError(400, "invalid_request", "name is required")
-    if not isinstance(name, str):
+    if name is not None and not isinstance(name, str):
         raise HTTPError(400, "invalid_request", "name must be a string")
-    problem = subject_problem(name)
-    if problem is not None:
+    problem = name is not None and subject_problem(name)
+    if problem:
         raise HTTPError(400, "invalid_request", "name " + problem)
-    return name
+    return name, requested_audience(document.get("audience"), audience), \
+        requested_ttl(document.get("ttl"), ttl)
 
 
-def discovery_document(issuer):
+def requested_audience(value, configured):
+    """RFC 8707 §2: the audiences asked for (a string or a list), each one
+    of the CONFIGURED, in the order asked; CONFIGURED when VALUE is None."""
+    if value is None:
+        return configured
+    values = [value] if isinstance(value, str) else value
+    if not (isinstance(values, list) and values and all(isinstance(v, str) for v in values)):
+        raise HTTPError(400, "invalid_request", "audience must be a string or a non-empty list "
+                                                "of strings, not %s" % _kind(value))
+    for audience in values:
+        if audience not in configured:
+            raise HTTPError(400, "invalid_target", "audience %s is not one this issuer serves "
+                            "(%s)" % (_shown(audience), "see --audience" if configured else
+                                      "it has no --audience"))
+    return tuple(dict.fromkeys(values))
+
+
+def requested_ttl(value, longest):
+    """The token lifetime asked for: an integer from 1 to LONGEST; LONGEST when VALUE is None."""
+    if value is None:
+        return longest
+    if type(value) is not int or not 1 <= value <= longest:
+        refused = _shown(str(value), 24).strip('"') if type(value) is int else _kind(value)
+        raise HTTPError(400, "invalid_request", "ttl must be an integer from 1 to %d, not %s"
+                        % (longest, refused))
+    return value
+
+
+class _Members(list):
+    """A JSON object as its (name, value) pairs, duplicates kept, so that one
+    can be reported with where it is."""
+
+
+def _checked(value, path, depth=0):
+    """VALUE parsed with _Members made plain, with no duplicate member and
+    nested at most MAX_CLAIM_DEPTH deep; ValueError says where, by PATH."""
+    if depth > MAX_CLAIM_DEPTH:
+        raise ValueError("%s is nested more than %d deep" % (_where(path), MAX_CLAIM_DEPTH))
+    if isinstance(value, list) and not isinstance(value, _Members):
+        return [_checked(item, path, depth + 1) for item in value]
+    if not isinstance(value, _Members):
+        return value
+    checked = {}
+    for name, item in value:
+        if name in checked:
+            raise ValueError("%s appears twice" % _where(path + (name,)))
+        checked[name] = _checked(item, path + (name,), depth + 1)
+    return checked
+
+
+def _where(path):
+    """Where in a claims file PATH (subject, claim, member...) is, in words."""
+    words = ["subject %s" % _shown(path[0])]
+    if len(path) > 1:
+        words.append("claim %s" % _shown(path[1]))
+    words.extend("member %s" % _shown(name) for name in path[2:])
+    return ", ".join(words)
+
+
+class Claims(NamedTuple):
+    """A claims file, checked: each subject's claims over the "*" ones,
+    merged once here rather than per token."""
+
+    per_subject: dict  # subject -> its claims, "*" merged in
+    everyone: dict  # the "*" claims, for a subject the file does not name
+    names: tuple  # every claim name the file sets, sorted
+
+    def of(self, sub):
+        return self.per_subject.get(sub, self.everyone)
+
+
+NO_CLAIMS = Claims({}, {}, ())
+
+
+def parse_claims_file(data):
+    """Claims from a claims file's bytes: {"*": {...}, SUBJECT: {...}}. A
+    ValueError names the subject, the claim and the problem, never a value."""
+    try:
+        document = parse_json(data, members=_Members)
+    except UnicodeDecodeError:
+        raise ValueError("is not UTF-8") from None
+    except ValueError as error:
+        raise ValueError("is not valid JSON: %s" % error) from None
+    if not isinstance(document, _Members):
+        raise ValueError("must be a JSON object of subjects and their claims, not %s"
+                         % _kind(document))
+    document = _checked(document, ())
+    for subject, claims in document.items():
+        problem = subject != EVERYONE and subject_problem(subject)
+        if problem:
+            raise ValueError("subject %s %s" % (_shown(subject), problem))
+        if not isinstance(claims, dict):
+            raise ValueError("subject %s: its claims must be a JSON object, not %s"
+                             % (_shown(subject), _kind(claims)))
+        for name in claims:
+            if not name:
+                raise ValueError("subject %s: a claim name must not be empty" % _shown(subject))
+            if name in ISSUER_CLAIMS:
+                raise ValueError("subject %s: claim %s is the issuer's own; it cannot be set here"
+                                 % (_shown(subject), _shown(name)))
+    everyone = document.pop(EVERYONE, {})
+    per_subject = {subject: {**everyone, **claims} for subject, claims in document.items()}
+    for subject, claims in ((EVERYONE, everyone), *per_subject.items()):
+        try:
+            size = len(json_bytes(claims))
+        except UnicodeEncodeError:  # "\ud800" is valid JSON but no Unicode text
+            raise ValueError("subject %s: a claim holds text that is not valid Unicode"
+                             % _shown(subject)) from None
+        if size > MAX_SUBJECT_CLAIMS_BYTES:
+            raise ValueError("subject %s: its claims (with the \"*\" ones) are %d bytes as JSON, "
+                             "over %d" % (_shown(subject), size, MAX_SUBJECT_CLAIMS_BYTES))
+    names = sorted({name for claims in (everyone, *document.values()) for name in claims})
+    return Claims(per_subject, everyone, tuple(names))
+
+
+def discovery_document(issuer, claims_supported):
     """OpenID Connect Discovery 1.0 §3, enough for Vault's oidc_discovery_url.
     "issuer" is exactly as configured: Vault compares it byte for byte."""
     base = issuer.rstrip("/")
@@ -497,6 +647,7 @@ def discovery_document(issuer):
         "id_token_signing_alg_values_supported": ["ES256"],
         "response_types_supported": ["id_token"],
         "subject_types_supported": ["public"],
+        "claims_supported": list(claims_supported),
     }
 
 
@@ -921,7 +1072,10 @@ OPTIONS = (
            'an "aud" value; repeat for several; any flag replaces the environment\'s list',
            repeat=True),
     Option("--ttl", "ttl", "SECONDS", _integer(1, 10 ** 10), str(DEFAULT_TTL_SECONDS),
-           "token lifetime"),
+           "token lifetime, and the longest a request may ask for"),
+    Option("--claims", "claims_file", "FILE", _file, "none: the issuer's claims only",
+           'JSON object of subjects, each with the claims its tokens carry beside sub '
+           '(groups, team, ...); "*" holds everyone\'s, under each subject\'s own'),
     Option("--max-connections", "max_connections", "N", _integer(1, 100000),
            "%d, per process" % DEFAULT_MAX_CONNECTIONS,
            "connections served at once, one thread each; when all are taken, the client "
@@ -963,6 +1117,7 @@ class Config:
     issuer: str = None  # None until the port is bound: then http(s)://localhost:PORT
     audience: tuple = ()
     ttl: int = DEFAULT_TTL_SECONDS
+    claims_file: str = None  # subjects -> the claims their tokens carry
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     workers: int = 1  # processes, forked after the bind
     auth_file: str = None  # users and password hashes: POST /auth/token needs HTTP Basic
@@ -1133,6 +1288,15 @@ def load_users(path):
     return users
 
 
+def load_claims(path):
+    """Claims from a claims file; ConfigError names the file, the subject, the problem."""
+    data, _ = read_file(path, "claims file", MAX_CLAIMS_FILE_BYTES)
+    try:
+        return parse_claims_file(data)
+    except ValueError as error:
+        raise ConfigError("claims file %s: %s" % (path, error)) from None
+
+
 def _no_passphrase(path):
     raise ConfigError("TLS key %s is encrypted; give it unencrypted, readable by this user "
                       "alone" % path)
@@ -1280,15 +1444,23 @@ class Issuer:
 
     config: Config
     keys: KeySet
+    claims: Claims
     users: Users  # None without --auth-file
     tls_context: ssl.SSLContext  # None without --tls-cert
     discovery_body: bytes
     hosts_served: frozenset  # None: any Host
 
     @classmethod
-    def build(cls, config, keys, users=None, tls_context=None):
-        return cls(config, keys, users, tls_context,
-                   json_bytes(discovery_document(config.issuer)), _hosts_served(config))
+    def build(cls, config, keys, claims=NO_CLAIMS, users=None, tls_context=None):
+        own = ("iss", "sub") + ("aud",) * bool(config.audience) + ("iat", "nbf", "exp", "jti")
+        discovery = discovery_document(config.issuer, own + claims.names)
+        return cls(config, keys, claims, users, tls_context, json_bytes(discovery),
+                   _hosts_served(config))
+
+
+def _subjects(claims):
+    return "%d subjects%s" % (len(claims.per_subject),
+                              ' and "*" (everyone)' if claims.everyone else "")
 
 
 def load_issuer(config, previous=None):
@@ -1304,6 +1476,14 @@ def load_issuer(config, previous=None):
         loaded = load_keyset(config.key_path)
         reloaded.append("reloaded keys from %s: signing with kid %s, publishing %s"
                         % (config.key_path, loaded.kid, ", ".join(loaded.kids)))
+        return loaded
+
+    def claims():
+        if config.claims_file is None:
+            return NO_CLAIMS
+        loaded = load_claims(config.claims_file)
+        reloaded.append("reloaded claims for %s from %s"
+                        % (_subjects(loaded), config.claims_file))
         return loaded
 
     def users():
@@ -1324,6 +1504,8 @@ def load_issuer(config, previous=None):
     for name, load, kept in (
             ("keys", keys, lambda: "key reload failed, still signing with kid %s"
              % previous.keys.kid),
+            ("claims", claims, lambda: "claims reload failed, keeping the claims for %s"
+             % _subjects(previous.claims)),
             ("users", users, lambda: "auth file reload failed, keeping %d users"
              % len(previous.users.hashes)),
             ("tls_context", tls_context, lambda: "TLS reload failed, keeping the certificate "
@@ -1447,7 +1629,7 @@ class Service:
         self._reload_lock = threading.Lock()
 
     def reload(self):
-        """Read the key, auth and TLS files again (SIGHUP). Each bad one keeps
+        """Read the key, claims, auth and TLS files again (SIGHUP). Each bad one keeps
         what is in use, and the log says why."""
         with self._reload_lock:
             self.issuer, reloaded, keys_loaded = load_issuer(self.issuer.config, self.issuer)
@@ -1510,27 +1692,29 @@ def issue_token(request):
     authenticated = authenticate(request)  # None when the endpoint is open
     if authenticated is None and "content-length" not in head.fields:
         raise HTTPError(411, "invalid_request", "Content-Length is required")
-    name = None
+    issuer, service = request.issuer, request.service
+    config, keys = issuer.config, issuer.keys
+    name, audience, ttl = None, config.audience, config.ttl
     if request.body or authenticated is None:
         content_type = head.fields.get("content-type")
         if content_type is not None and _media_type(content_type) != JSON_TYPE:
             raise HTTPError(415, "invalid_request", "Content-Type must be application/json")
-        name = subject_from_body(request.body, required=authenticated is None)
+        name, audience, ttl = token_body(request.body, audience=audience, ttl=ttl,
+                                         name_required=authenticated is None)
     if authenticated is not None and name is not None and name != authenticated:
         raise HTTPError(403, "access_denied", "name must be the authenticated user's")
     sub = authenticated or name
-    issuer, service = request.issuer, request.service
-    config, keys = issuer.config, issuer.keys
     # RFC 7519 §4.1.7: a jti with a "negligible probability" of a repeat: 96 random bits
-    claims = make_claims(sub, issuer=config.issuer, audience=config.audience, ttl=config.ttl,
-                         now=int(time.time()), jti=b64url_encode(os.urandom(12)))
+    claims = make_claims(sub, issuer=config.issuer, audience=audience, ttl=ttl,
+                         now=int(time.time()), jti=b64url_encode(os.urandom(12)),
+                         extra=issuer.claims.of(sub))
     token = keys.sign(claims)
     service.metrics.token_issued()
     log_line(logging.INFO, "issued sub=%s kid=%s jti=%s exp=%d", _quoted(sub), keys.kid,
              claims["jti"], claims["exp"], held=True)
     if any(_media_type(accepted) == JSON_TYPE
            for accepted in head.fields.get("accept", "").split(",")):
-        body = {"access_token": token, "token_type": "Bearer", "expires_in": config.ttl}
+        body = {"access_token": token, "token_type": "Bearer", "expires_in": ttl}
         return 200, JSON_TYPE, json_bytes(body), NO_STORE
     return 200, "text/plain", token.encode("ascii"), NO_STORE
 
@@ -2463,9 +2647,10 @@ def serve(config):
     LogHandler.metrics = service.metrics
     issuer = service.issuer
     config = issuer.config
-    log.info("jwt_issuer %s: issuer %s, signing with kid %s, token lifetime %ds%s%s%s%s",
+    log.info("jwt_issuer %s: issuer %s, signing with kid %s, token lifetime %ds%s%s%s%s%s",
              __version__, config.issuer, issuer.keys.kid, config.ttl,
              ", audience " + ", ".join(config.audience) if config.audience else "",
+             ", claims for " + _subjects(issuer.claims) if config.claims_file else "",
              ", %d users" % len(issuer.users.hashes) if issuer.users else "",
              ", client certificates from " + config.tls_client_ca if config.tls_client_ca else "",
              ", %d workers" % config.workers if config.workers > 1 else "")
@@ -2495,8 +2680,8 @@ def build_parser():
         epilog="Flags win over the environment; an empty environment variable counts as "
                "unset. Without --auth-file or --tls-client-ca the token endpoint is open: "
                "whoever reaches it can mint a token for any subject, so it listens on "
-               "127.0.0.1 unless told otherwise. SIGHUP reloads the key, auth and TLS files; "
-               "SIGTERM and SIGINT stop gracefully.",
+               "127.0.0.1 unless told otherwise. SIGHUP reloads the key, claims, auth and TLS "
+               "files; SIGTERM and SIGINT stop gracefully.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
     for option in OPTIONS:

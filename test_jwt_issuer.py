@@ -80,13 +80,14 @@ from jwt_issuer import (
     der_to_raw_signature,
     json_bytes,
     make_claims,
+    parse_claims_file,
     parse_head,
     parse_key_file,
     private_jwk,
     public_jwk,
     sign_jws,
-    subject_from_body,
     thumbprint,
+    token_body,
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -1372,7 +1373,9 @@ ENGLAND = "\U0001f3f4\U000e0067\U000e0062\U000e0065\U000e006e\U000e0067\U000e007
 
 
 class SubjectTest(unittest.TestCase):
-    def test_subject_from_body(self):
+    def test_the_name_in_a_token_request_body(self):
+        def subject_from_body(body):
+            return token_body(body, audience=(), ttl=3600)[0]
         good = {b'{"name": "vishpat"}': "vishpat", b'{"name":"x","other":1}': "x",
                 json_bytes({"name": "a" * 256}): "a" * 256, json_bytes({"name": "zoë"}): "zoë",
                 b'{"name": "\\u00e9"}': "é", b'{"name": " spaced "}': " spaced ",
@@ -1393,6 +1396,8 @@ class SubjectTest(unittest.TestCase):
             b"\xff": "body is not UTF-8",
             b'{"name": "vishpat", "name": "root"}': "body is not valid JSON: duplicate member name",
             b'{"name": NaN}': "body is not valid JSON: NaN is not JSON",
+            b'{"name": "x", "other": -1e400}': "body is not valid JSON: number -1e400 is out of "
+                                               "range",
             b"[" * 100000 + b"]" * 100000: "body is not valid JSON: nested too deeply",
             b'["vishpat"]': "body must be a JSON object",
             b'"vishpat"': "body must be a JSON object",
@@ -2096,7 +2101,8 @@ class ServerTest(unittest.TestCase):
             "issuer": base, "jwks_uri": base + "/auth/jwks",
             "token_endpoint": base + "/auth/token",
             "id_token_signing_alg_values_supported": ["ES256"],
-            "response_types_supported": ["id_token"], "subject_types_supported": ["public"]})
+            "response_types_supported": ["id_token"], "subject_types_supported": ["public"],
+            "claims_supported": ["iss", "sub", "iat", "nbf", "exp", "jti"]})
 
     def test_healthz(self):
         status, headers, body = request(self.server, "GET", "/healthz")
@@ -3402,6 +3408,280 @@ class AuthProcessTest(TempDirTestCase):
         self.assertEqual(token_status("alice"), (200, serial))
         self.assertEqual(process.stop(), 0)
         self.assertNotIn("alice-pw", process.log)
+
+
+# ---------------------------------------------------------------- claims and per-request audience and ttl
+
+CLAIMS = {"*": {"env": "dev"},
+          "alice": {"groups": ["ops", "dev"], "team": "infra"},
+          "bob": {"groups": ["dev"], "team": "payments", "env": "staging",
+                  "extra": {"n": 1, "ok": True, "list": [1.5, None]}}}
+
+
+class ClaimsFileTest(unittest.TestCase):
+    def test_everyone_then_the_subject_member_by_member(self):
+        claims = parse_claims_file(json_bytes(CLAIMS))
+        self.assertEqual(claims.of("alice"), {"env": "dev", "groups": ["ops", "dev"],
+                                              "team": "infra"})
+        self.assertEqual(claims.of("bob")["env"], "staging")  # the subject's win
+        self.assertEqual(claims.of("bob")["extra"], {"n": 1, "ok": True, "list": [1.5, None]})
+        self.assertEqual(claims.of("carol"), {"env": "dev"})
+        self.assertEqual(claims.names, ("env", "extra", "groups", "team"))
+        self.assertEqual(parse_claims_file(b'{"bob": {"x": 1}}').of("alice"), {})
+        # no deep merge: an object claim of the subject replaces everyone's whole
+        merged = parse_claims_file(b'{"*": {"o": {"a": 1}}, "bob": {"o": {"b": 2}}}')
+        self.assertEqual(merged.of("bob"), {"o": {"b": 2}})
+
+    def test_what_a_file_cannot_hold_names_the_subject_and_the_claim(self):
+        cases = {
+            b"": "is not valid JSON: Expecting value: line 1 column 1 (char 0)",
+            b'{\n  "alice": {"team": "infra",}\n}': "is not valid JSON: Expecting property name "
+                                                   "enclosed in double quotes: line 2 column 29 "
+                                                   "(char 30)",
+            b"\xff{}": "is not UTF-8",
+            b'[{"alice": {}}]': "must be a JSON object of subjects and their claims, not a list",
+            b'"alice"': "must be a JSON object of subjects and their claims, not a string",
+            b'{"alice": ["ops"]}': 'subject "alice": its claims must be a JSON object, not a list',
+            b'{"*": null}': 'subject "*": its claims must be a JSON object, not null',
+            b'{"alice": {}, "alice": {}}': 'subject "alice" appears twice',
+            b'{"alice": {"team": "a", "team": "b"}}': 'subject "alice", claim "team" appears twice',
+            b'{"alice": {"o": [{"k": 1, "k": 2}]}}': 'subject "alice", claim "o", member "k" '
+                                                     'appears twice',
+            b'{"alice": {"": 1}}': 'subject "alice": a claim name must not be empty',
+            b'{"alice": {"x": NaN}}': "is not valid JSON: NaN is not JSON",
+            b'{"alice": {"x": 1e999}}': "is not valid JSON: number 1e999 is out of range",
+            b'{"alice": {"x": "\\udc00"}}': 'subject "alice": a claim holds text that is not '
+                                            'valid Unicode',
+            b'{"": {}}': 'subject "" must not be empty',
+            b'{"ad\\u202emin": {}}': 'subject "ad\\u202emin" must not contain invisible or '
+                                    'formatting characters',
+            json_bytes({"a" * 300: {}}): 'subject "%s..." is longer than 256 characters' % ("a" * 64),
+            json_bytes({"alice": {"x": "y" * 4090}}): 'subject "alice": its claims (with the "*" '
+                                                     'ones) are 4098 bytes as JSON, over 4096',
+            json_bytes({"*": {"x": "y" * 3000}, "alice": {"z": "y" * 1090}}):
+                'subject "alice": its claims (with the "*" ones) are 4105 bytes as JSON, over 4096',
+            json_bytes({"alice": {"x": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}}):
+                'subject "alice", claim "x" is nested more than 32 deep',
+            b'{"alice": {"x": ' + b"[" * 100000 + b"]" * 100000 + b"}}":
+                "is not valid JSON: nested too deeply",
+        }
+        for reserved in ("iss", "sub", "aud", "exp", "nbf", "iat", "jti", "client_id"):
+            cases[json_bytes({"*": {reserved: "x"}})] = (
+                'subject "*": claim "%s" is the issuer\'s own; it cannot be set here' % reserved)
+            cases[json_bytes({"bob": {"team": 1, reserved: "x"}})] = (
+                'subject "bob": claim "%s" is the issuer\'s own; it cannot be set here' % reserved)
+        for data, message in cases.items():
+            with self.subTest(data=data[:60]):
+                with self.assertRaises(ValueError) as caught:
+                    parse_claims_file(data)
+                self.assertEqual(str(caught.exception), message)
+        # at the limits, not over them
+        self.assertEqual(len(json_bytes(parse_claims_file(json_bytes(
+            {"alice": {"x": "y" * 4088}})).of("alice"))), 4096)
+        parse_claims_file(json_bytes({"a" * 256: {"x": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}}))
+
+    def test_a_file_over_a_mebibyte_is_refused_before_it_is_parsed(self):
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            f.write(b" " * (jwt_issuer.MAX_CLAIMS_FILE_BYTES + 1))
+            f.flush()
+            with self.assertRaises(ConfigError) as caught:
+                jwt_issuer.load_claims(f.name)
+        self.assertEqual(str(caught.exception), "claims file %s is over 1048576 bytes" % f.name)
+
+
+class TokenBodyTest(unittest.TestCase):
+    AUDIENCES = ("vault", "openbao")
+
+    def asked(self, body, audience=AUDIENCES, ttl=600):
+        return token_body(json_bytes(body), audience=audience, ttl=ttl)
+
+    def test_audience_and_ttl_asked_for(self):
+        self.assertEqual(self.asked({"name": "a"}), ("a", self.AUDIENCES, 600))
+        self.assertEqual(self.asked({"name": "a", "audience": "openbao"}), ("a", ("openbao",), 600))
+        self.assertEqual(self.asked({"name": "a", "audience": ["openbao", "vault", "openbao"]}),
+                         ("a", ("openbao", "vault"), 600))
+        self.assertEqual(self.asked({"name": "a", "ttl": 1}), ("a", self.AUDIENCES, 1))
+        self.assertEqual(self.asked({"name": "a", "ttl": 600, "audience": None}),
+                         ("a", self.AUDIENCES, 600))
+        # other members are ignored, as OAuth 2.0 ignores unknown parameters
+        self.assertEqual(self.asked({"name": "a", "groups": ["admin"], "sub": "root"}),
+                         ("a", self.AUDIENCES, 600))
+        self.assertEqual(token_body(b'{"ttl": 5}', audience=(), ttl=9, name_required=False),
+                         (None, (), 5))
+
+    def test_what_is_refused_says_which_value(self):
+        cases = [
+            ({"audience": "elsewhere"}, self.AUDIENCES, "invalid_target",
+             "audience ?elsewhere? is not one this issuer serves (see --audience)"),
+            ({"audience": ["vault", "elsewhere"]}, self.AUDIENCES, "invalid_target",
+             "audience ?elsewhere? is not one this issuer serves (see --audience)"),
+            ({"audience": "vault"}, (), "invalid_target",
+             "audience ?vault? is not one this issuer serves (it has no --audience)"),
+            ({"audience": "x" * 100}, self.AUDIENCES, "invalid_target",
+             "audience ?%s...? is not one this issuer serves (see --audience)" % ("x" * 64)),
+            ({"audience": "va\u00efult\n"}, self.AUDIENCES, "invalid_target",
+             "audience ?va?u00efult?n? is not one this issuer serves (see --audience)"),
+            ({"audience": []}, self.AUDIENCES, "invalid_request",
+             "audience must be a string or a non-empty list of strings, not a list"),
+            ({"audience": ["vault", 1]}, self.AUDIENCES, "invalid_request",
+             "audience must be a string or a non-empty list of strings, not a list"),
+            ({"audience": {"vault": 1}}, self.AUDIENCES, "invalid_request",
+             "audience must be a string or a non-empty list of strings, not an object"),
+            ({"ttl": 0}, (), "invalid_request", "ttl must be an integer from 1 to 600, not 0"),
+            ({"ttl": -5}, (), "invalid_request", "ttl must be an integer from 1 to 600, not -5"),
+            ({"ttl": 601}, (), "invalid_request", "ttl must be an integer from 1 to 600, not 601"),
+            ({"ttl": 10 ** 40}, (), "invalid_request",
+             "ttl must be an integer from 1 to 600, not 100000000000000000000000..."),
+            ({"ttl": "60"}, (), "invalid_request",
+             "ttl must be an integer from 1 to 600, not a string"),
+            ({"ttl": 60.0}, (), "invalid_request",
+             "ttl must be an integer from 1 to 600, not a number"),
+            ({"ttl": True}, (), "invalid_request",
+             "ttl must be an integer from 1 to 600, not a boolean"),
+        ]
+        for body, audience, error, description in cases:
+            with self.subTest(body=body):
+                with self.assertRaises(HTTPError) as caught:
+                    self.asked(dict(body, name="a"), audience=audience)
+                answer = jwt_issuer.error_answer(caught.exception)
+                self.assertEqual((answer[0], json.loads(answer[2])),
+                                 (400, {"error": error, "error_description": description}))
+
+
+class ClaimsServerTest(TempDirTestCase):
+    """--claims and the body's audience and ttl, over real sockets, checked by two verifiers."""
+
+    def serve(self, **settings):
+        context = serving(claims_file=self.write("claims.json", CLAIMS), **settings)
+        server = context.__enter__()
+        self.addCleanup(context.__exit__, None, None, None)
+        return server
+
+    def token(self, server, body, headers=JSON_HEADERS, status=200):
+        got, answer_headers, answer = request(server, "POST", "/auth/token", json_bytes(body)
+                                              if body is not None else None, headers)
+        self.assertEqual(got, status, answer)
+        return answer.decode() if status == 200 and "Accept" not in headers else json.loads(answer)
+
+    def test_a_token_carries_its_subject_claims_after_the_issuer_own(self):
+        server = self.serve(audience=("vault",))
+        jwks = jwks_of(server)
+        for name, expected in (("alice", {"env": "dev", "groups": ["ops", "dev"],
+                                          "team": "infra"}),
+                               ("bob", CLAIMS["bob"]), ("carol", {"env": "dev"})):
+            with self.subTest(name=name):
+                token = self.token(server, {"name": name, "groups": ["admin"]})  # body: ignored
+                claims = verify_with_pyjwt(token, jwks, audience="vault")
+                self.assertEqual(list(claims)[:7], ["iss", "sub", "aud", "iat", "nbf", "exp",
+                                                    "jti"])
+                self.assertEqual({k: v for k, v in claims.items() if k not in ISSUER_OWN},
+                                 expected)
+                self.assertEqual(verify_with_joserfc(token, jwks, sub=name, aud="vault")[1],
+                                 claims)
+        status, _, body = request(server, "GET", "/.well-known/openid-configuration")
+        self.assertEqual(json.loads(body)["claims_supported"],
+                         ["iss", "sub", "aud", "iat", "nbf", "exp", "jti",
+                          "env", "extra", "groups", "team"])
+
+    def test_the_audience_and_lifetime_a_request_asks_for(self):
+        server = self.serve(audience=("vault", "openbao"), ttl=600)
+        jwks = jwks_of(server)
+        token = self.token(server, {"name": "alice", "audience": "openbao", "ttl": 30})
+        claims = verify_with_pyjwt(token, jwks, audience="openbao")
+        self.assertEqual((claims["aud"], claims["exp"] - claims["iat"]), ("openbao", 30))
+        self.assertEqual(verify_with_joserfc(token, jwks, aud="openbao")[1], claims)
+        token = self.token(server, {"name": "alice", "audience": ["openbao", "vault"]})
+        claims = verify_with_pyjwt(token, jwks, audience="vault")
+        self.assertEqual((claims["aud"], claims["exp"] - claims["iat"]),
+                         (["openbao", "vault"], 600))
+        answer = self.token(server, {"name": "alice", "ttl": 1},
+                            dict(JSON_HEADERS, Accept="application/json"))
+        self.assertEqual((answer["expires_in"], answer["token_type"]), (1, "Bearer"))
+        claims = segments(answer["access_token"])[1]
+        self.assertEqual(claims["exp"] - claims["iat"], 1)
+        refused = self.token(server, {"name": "alice", "audience": "elsewhere"}, status=400)
+        self.assertEqual(refused["error"], "invalid_target")
+        refused = self.token(server, {"name": "alice", "ttl": 601}, status=400)
+        self.assertEqual(refused, {"error": "invalid_request", "error_description":
+                                   "ttl must be an integer from 1 to 600, not 601"})
+        self.assertEqual(self.token(server, {"name": "alice"}).count("."), 2)  # still serving
+
+    def test_every_way_a_subject_is_established_gets_its_claims(self):
+        users = self.write("users", hash_file_line("alice", "pw") + "\n")
+        pki = PKI(self.dir)
+        server = self.serve(auth_file=users, tls_cert=pki.server_cert, tls_key=pki.server_key,
+                            audience=("vault", "openbao"))
+        jwks = json.loads(https(server, pki, "GET", "/auth/jwks")[2])
+        # the Basic user, with no body and with a body that only asks for an audience
+        for body in (None, json_bytes({"audience": "vault", "ttl": 5})):
+            status, _, token = https(server, pki, "POST", "/auth/token", body,
+                                     dict(JSON_HEADERS, Authorization=basic("alice", "pw")))
+            self.assertEqual(status, 200, token)
+            claims = verify_with_pyjwt(token.decode(), jwks, audience="vault")
+            self.assertEqual((claims["sub"], claims["team"], claims["groups"]),
+                             ("alice", "infra", ["ops", "dev"]))
+        self.assertEqual((claims["aud"], claims["exp"] - claims["iat"]), ("vault", 5))
+        # a client certificate's name
+        mtls = self.serve(tls_cert=pki.server_cert, tls_key=pki.server_key,
+                          tls_client_ca=pki.ca_path)
+        status, _, token = https(mtls, pki, "POST", "/auth/token", b"", {},
+                                 certificate=pki.issue("bob", client=True))
+        self.assertEqual(status, 200, token)
+        claims = verify_with_pyjwt(token.decode(), json.loads(https(mtls, pki, "GET",
+                                                                    "/auth/jwks")[2]))
+        self.assertEqual((claims["sub"], claims["team"], claims["env"]), ("bob", "payments",
+                                                                          "staging"))
+
+
+ISSUER_OWN = ("iss", "sub", "aud", "iat", "nbf", "exp", "jti")
+
+
+class ClaimsProcessTest(TempDirTestCase):
+    def test_a_bad_claims_file_stops_the_start_with_what_and_where(self):
+        cases = [
+            ({"alice": {"iss": "https://forged"}},
+             'subject "alice": claim "iss" is the issuer\'s own; it cannot be set here'),
+            ({"*": {"client_id": "x"}},
+             'subject "*": claim "client_id" is the issuer\'s own; it cannot be set here'),
+            (b'{"alice": {"team": "a"},\n "alice": {}}', 'subject "alice" appears twice'),
+            (b'{"alice": {"team": "a"}', "is not valid JSON: Expecting ',' delimiter: line 1 "
+                                         "column 24 (char 23)"),
+            ([], "must be a JSON object of subjects and their claims, not a list"),
+        ]
+        key = self.key_file()
+        results = run_commands([(["--port", "0", "--key", key, "--claims",
+                                  self.write("claims%d.json" % number, content)], {})
+                                for number, (content, _) in enumerate(cases)])
+        for number, ((_, message), result) in enumerate(zip(cases, results)):
+            with self.subTest(message=message):
+                path = os.path.join(self.dir, "claims%d.json" % number)
+                self.assertEqual((result.returncode, result.stderr.decode()),
+                                 (2, "jwt_issuer: error: claims file %s: %s\n" % (path, message)))
+        result = run_command("--port", "0", "--key", key, "--claims", self.dir + "/none.json")
+        self.assertEqual((result.returncode, result.stderr.decode()),
+                         (2, "jwt_issuer: error: claims file %s/none.json does not exist\n"
+                          % self.dir))
+
+    def test_sighup_reloads_the_claims_and_a_bad_file_keeps_them(self):
+        path = self.write("claims.json", CLAIMS)
+        process = self.start("--key", self.key_file(), "--claims", path,
+                             env=dict(os.environ, JWT_ISSUER_CLAIMS=""))
+        self.assertIn('claims for 2 subjects and "*" (everyone)', process.log)
+        self.assertEqual(segments(process.token("bob"))[1]["groups"], ["dev"])
+        self.replace_file(path, dict(CLAIMS, bob={"groups": ["dev", "ops"], "secret": "s3-v4lue"}))
+        process.proc.send_signal(signal.SIGHUP)
+        process.wait_for('reloaded claims for 2 subjects and "\\*" \\(everyone\\) from ')
+        claims = segments(process.token("bob"))[1]
+        self.assertEqual((claims["groups"], claims["env"]), (["dev", "ops"], "dev"))
+        self.replace_file(path, b'{"bob": {"sub": "root"}}')
+        process.proc.send_signal(signal.SIGHUP)
+        process.wait_for('claims reload failed, keeping the claims for 2 subjects and "\\*" '
+                         '\\(everyone\\): claims file %s: subject "bob": claim "sub" is the '
+                         "issuer's own" % re.escape(path))
+        self.assertEqual(segments(process.token("bob"))[1]["groups"], ["dev", "ops"])
+        self.assertEqual(process.stop(), 0)
+        for value in ("s3-v4lue", "payments", "infra"):  # only counts reach the log
+            self.assertNotIn(value, process.log)
 
 
 # ---------------------------------------------------------------- workers and metrics
