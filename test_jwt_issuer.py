@@ -378,8 +378,10 @@ class Process:
     def get(self, path, **kwargs):
         return requests.get(self.url + path, timeout=10, verify=self.verify, **kwargs)
 
-    def token(self, name="vishpat", **kwargs):
-        response = requests.post(self.url + "/auth/token", data=json.dumps({"name": name}),
+    def token(self, name="vishpat", extra=None, **kwargs):
+        """A token for NAME; EXTRA: more members of the request body."""
+        response = requests.post(self.url + "/auth/token",
+                                 data=json.dumps(dict({"name": name}, **(extra or {}))),
                                  headers=JSON_HEADERS, timeout=10, verify=self.verify, **kwargs)
         assert response.status_code == 200, response.text
         return response.text
@@ -5579,6 +5581,131 @@ class VaultTest(TempDirTestCase):
         self.jwt_auth("jwt-full", {"jwks_url": issuer.url + "/auth/jwks"})
         self.assert_logs_in("jwt-full", issuer.token())
 
+    # ------------------------------------------------------------ claims for Vault policies
+
+    def claims_issuer(self, claims=CLAIMS, *args):
+        path = self.write("claims.json", claims)
+        return self.start("--key", self.key_file(), "--claims", path, *args), path
+
+    def mount(self, mount, issuer):
+        """A jwt auth method at MOUNT trusting ISSUER: its accessor."""
+        self.api("POST", "sys/auth/" + mount, {"type": "jwt"}, expect=204)
+        self.api("POST", "auth/%s/config" % mount, {"jwks_url": issuer.url + "/auth/jwks",
+                                                   "bound_issuer": issuer.url.replace(
+                                                       "127.0.0.1", "localhost")}, expect=204)
+        return self.api("GET", "sys/auth/" + mount, expect=200)[1]["accessor"]
+
+    def policy(self, name, path):
+        self.api("PUT", "sys/policies/acl/" + name, {"policy": 'path "%s" {\n    capabilities = '
+                 '["create", "read", "update", "delete", "list"]\n}\n' % path}, expect=204)
+
+    def external_group(self, name, policy, accessor):
+        """An external identity group NAME with POLICY, whose alias on ACCESSOR is NAME."""
+        status, body = self.api("POST", "identity/group", {"name": name, "type": "external",
+                                                           "policies": [policy]}, expect=200)
+        self.api("POST", "identity/group-alias", {"name": name, "mount_accessor": accessor,
+                                                  "canonical_id": body["data"]["id"]}, expect=200)
+
+    def can_write(self, client_token, path):
+        status, body = self.api("POST", path, {"username": "X"}, client_token)
+        if status == 204:
+            self.assertEqual(self.api("GET", path, token=client_token, expect=200)[1]["data"],
+                             {"username": "X"})
+            return True
+        self.assertEqual(status, 403, body)
+        return False
+
+    def test_claims_1_bound_claims_by_glob_and_on_a_list_claim(self):
+        issuer, _ = self.claims_issuer()
+        self.mount("jwt-glob", issuer)
+        for role, bound in (("team", {"team": "infra*"}), ("groups", {"groups": ["op*"]})):
+            with self.subTest(role=role):
+                self.api("POST", "auth/jwt-glob/role/" + role, {
+                    "role_type": "jwt", "user_claim": "sub", "bound_claims_type": "glob",
+                    "bound_claims": bound, "token_policies": ["default"]}, expect=204)
+                auth = self.assert_logs_in("jwt-glob", issuer.token("alice"), role)
+                self.assertEqual(auth["metadata"], {"role": role})
+                self.assert_refused("jwt-glob", issuer.token("bob"), 'claim "%s" does not match '
+                                    "any associated bound claim values" % role, role)
+
+    def test_claims_2_groups_claim_to_an_external_group_policy(self):
+        issuer, _ = self.claims_issuer()
+        accessor = self.mount("jwt-groups", issuer)
+        self.policy("ops_keys", "kv/ops/*")
+        self.external_group("ops", "ops_keys", accessor)
+        self.role("jwt-groups", "members", bound_subject="", groups_claim="groups",
+                  bound_claims={"env": ["dev", "staging"]}, token_policies=["default"])
+        alice = self.assert_logs_in("jwt-groups", issuer.token("alice"), "members")
+        self.assertEqual(alice["identity_policies"], ["ops_keys"])
+        self.assertTrue(self.can_write(alice["client_token"], "kv/ops/alice"))
+        bob = self.assert_logs_in("jwt-groups", issuer.token("bob"), "members")
+        self.assertNotIn("identity_policies", bob)
+        self.assertFalse(self.can_write(bob["client_token"], "kv/ops/bob"))
+        # a token without the groups claim does not log in to a role that names it
+        self.assert_refused("jwt-groups", issuer.token("carol"), 'failed to fetch groups: '
+                            '"groups" claim not found in token', "members")
+
+    def test_claims_3_claim_mappings_in_a_templated_policy(self):
+        issuer, _ = self.claims_issuer()
+        accessor = self.mount("jwt-mappings", issuer)
+        self.policy("team_keys", "kv/{{identity.entity.aliases.%s.metadata.team}}/*" % accessor)
+        self.role("jwt-mappings", "teams", bound_subject="", bound_claims={"env": "dev"},
+                  claim_mappings={"team": "team"}, token_policies=["team_keys"])
+        alice = self.assert_logs_in("jwt-mappings", issuer.token("alice"), "teams")
+        self.assertTrue(self.can_write(alice["client_token"], "kv/infra/alice"))
+        self.assertFalse(self.can_write(alice["client_token"], "kv/payments/alice"))
+
+    def test_claims_4_one_role_for_every_user(self):
+        issuer = self.start("--key", self.key_file(), "--audience", "vault")
+        accessor = self.mount("jwt-everyone", issuer)
+        self.policy("own_keys", "kv/{{identity.entity.aliases.%s.name}}/*" % accessor)
+        self.role("jwt-everyone", "everyone", bound_subject="", bound_audiences=["vault"],
+                  token_policies=["own_keys"])
+        vishpat = self.assert_logs_in("jwt-everyone", issuer.token("vishpat"), "everyone")
+        alice = self.assert_logs_in("jwt-everyone", issuer.token("alice"), "everyone")
+        self.assertTrue(self.can_write(vishpat["client_token"], "kv/vishpat/own"))
+        self.assertTrue(self.can_write(alice["client_token"], "kv/alice/own"))
+        self.assertFalse(self.can_write(vishpat["client_token"], "kv/alice/own"))
+        self.assertFalse(self.can_write(alice["client_token"], "kv/vishpat/own"))
+
+    def test_claims_5_the_audience_a_request_asks_for(self):
+        issuer = self.start("--key", self.key_file(), "--audience", "vault", "--audience",
+                            "ci-runner")
+        self.jwt_auth("jwt-asked-aud", {"jwks_url": issuer.url + "/auth/jwks"},
+                      bound_audiences=["vault"])
+        self.assert_logs_in("jwt-asked-aud", issuer.token(extra={"audience": "vault"}))
+        self.assert_refused("jwt-asked-aud", issuer.token(extra={"audience": "ci-runner"}),
+                            "invalid audience (aud) claim")
+
+    def test_claims_6_a_ttl_of_one_second(self):
+        issuer = self.start("--key", self.key_file())
+        self.jwt_auth("jwt-short-ttl", {"jwks_url": issuer.url + "/auth/jwks"}, **NO_LEEWAY)
+        token = issuer.token(extra={"ttl": 1})
+        claims = segments(token)[1]
+        self.assertEqual(claims["exp"] - claims["iat"], 1)
+        time.sleep(max(0, claims["exp"] + 1.1 - time.time()))
+        self.assert_refused("jwt-short-ttl", token, "token is expired")
+        self.assert_logs_in("jwt-short-ttl", issuer.token(extra={"ttl": 60}))
+
+    def test_claims_7_reloaded_claims_apply_to_the_next_token(self):
+        issuer, path = self.claims_issuer()
+        accessor = self.mount("jwt-reload", issuer)
+        self.policy("ops_reload", "kv/ops/*")
+        self.external_group("ops-reload", "ops_reload", accessor)
+        self.role("jwt-reload", "members", bound_subject="", groups_claim="groups",
+                  bound_claims={"env": ["dev", "staging"]}, token_policies=["default"])
+        claims = json.loads(json.dumps(CLAIMS).replace('"ops"', '"ops-reload"'))
+        self.replace_file(path, claims)
+        issuer.proc.send_signal(signal.SIGHUP)
+        issuer.wait_for("reloaded claims for")
+        bob = self.assert_logs_in("jwt-reload", issuer.token("bob"), "members")
+        self.assertFalse(self.can_write(bob["client_token"], "kv/ops/bob"))
+        claims["bob"]["groups"].append("ops-reload")
+        self.replace_file(path, claims)
+        issuer.proc.send_signal(signal.SIGHUP)
+        issuer.wait_for("reloaded claims for")
+        bob = self.assert_logs_in("jwt-reload", issuer.token("bob"), "members")
+        self.assertTrue(self.can_write(bob["client_token"], "kv/ops/bob"))
 
 
 
