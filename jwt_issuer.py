@@ -1501,15 +1501,15 @@ def load_issuer(config, previous=None):
         return loaded
 
     parts, keys_loaded = {}, True
-    for name, load, kept in (
-            ("keys", keys, lambda: "key reload failed, still signing with kid %s"
-             % previous.keys.kid),
+    for name, load, kept in (  # the keys last: a start that fails makes no key file
             ("claims", claims, lambda: "claims reload failed, keeping the claims for %s"
              % _subjects(previous.claims)),
             ("users", users, lambda: "auth file reload failed, keeping %d users"
              % len(previous.users.hashes)),
             ("tls_context", tls_context, lambda: "TLS reload failed, keeping the certificate "
-                                                 "in use")):
+                                                 "in use"),
+            ("keys", keys, lambda: "key reload failed, still signing with kid %s"
+             % previous.keys.kid)):
         try:
             parts[name] = load()
         except Exception as error:

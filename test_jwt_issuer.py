@@ -1943,8 +1943,8 @@ class IssuerTest(TempDirTestCase):
         second, reloaded, keys_loaded = jwt_issuer.load_issuer(config, first)
         self.assertTrue(keys_loaded)
         self.assertEqual([line.split(" ")[:3] for line in reloaded],
-                         [["reloaded", "keys", "from"], ["reloaded", "0", "users"],
-                          ["reloaded", "the", "TLS"]])
+                         [["reloaded", "0", "users"], ["reloaded", "the", "TLS"],
+                          ["reloaded", "keys", "from"]])
         self.assertEqual(second.keys.kid, public_jwk(new.public_key())["kid"])
         self.assertEqual(second.users.hashes, {})
         self.assertIsNot(second.tls_context, first.tls_context)
@@ -1959,8 +1959,8 @@ class IssuerTest(TempDirTestCase):
         self.assertIs(third.tls_context, second.tls_context)
         self.assertIsNot(third.users, second.users)
         self.assertEqual([r.getMessage().split(":")[0] for r in logs.records],
-                         ["key reload failed, still signing with kid %s" % second.keys.kid,
-                          "TLS reload failed, keeping the certificate in use"])
+                         ["TLS reload failed, keeping the certificate in use",
+                          "key reload failed, still signing with kid %s" % second.keys.kid])
 
     def test_an_unexpected_error_is_logged_and_what_is_in_use_stays(self):
         config = self.config()
@@ -3663,6 +3663,13 @@ class ClaimsProcessTest(TempDirTestCase):
         self.assertEqual((result.returncode, result.stderr.decode()),
                          (2, "jwt_issuer: error: claims file %s/none.json does not exist\n"
                           % self.dir))
+        # a start that fails on another file makes no default key file
+        empty = os.path.join(self.dir, "empty")
+        os.mkdir(empty)
+        for flag in ("--claims", "--auth-file"):
+            result = run_command("--port", "0", flag, "none", cwd=empty)
+            self.assertEqual(result.returncode, 2, result.stderr)
+            self.assertEqual(os.listdir(empty), [])
 
     def test_sighup_reloads_the_claims_and_a_bad_file_keeps_them(self):
         path = self.write("claims.json", CLAIMS)
