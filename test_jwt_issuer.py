@@ -2666,7 +2666,9 @@ class HostileTest(unittest.TestCase):
                      max_leaves=12),
         st.fixed_dictionaries({"name": st.text(max_size=300)}),
         st.fixed_dictionaries({"name": st.text(max_size=3)},
-                              optional={"aud": st.text(max_size=3), "x": st.integers()}),
+                              optional={"aud": st.text(max_size=3), "x": st.integers(),
+                                        "ttl": st.integers() | st.floats() | st.text(max_size=2),
+                                        "audience": st.text(max_size=3) | st.lists(st.text())}),
     ))
     def test_fuzz_json_bodies(self, document):
         statuses = self.send(post(json.dumps(document).encode()))
@@ -2681,8 +2683,12 @@ class HostileTest(unittest.TestCase):
                 return (after_a_letter or keycap) and not (c in "\u200c\u200d" and i == len(name) - 1)
             return c not in blank and unicodedata.category(c) not in (
                 "Cc", "Cf", "Cn", "Co", "Cs", "Zl", "Zp")
+        asked = document if isinstance(document, dict) else {}
+        ttl = asked.get("ttl")
         good = (isinstance(name, str) and 0 < len(name) <= 256 and not name.isspace()
-                and all(fits(i, c) for i, c in enumerate(name)))
+                and all(fits(i, c) for i, c in enumerate(name))
+                and asked.get("audience") is None  # this server has no --audience
+                and (ttl is None or type(ttl) is int and 1 <= ttl <= 3600))
         self.assertEqual(statuses, [200] if good else [400])
         if good:
             self.assertEqual(segments(self.tokens[-1])[1]["sub"], name)
@@ -3481,6 +3487,28 @@ class ClaimsFileTest(unittest.TestCase):
         self.assertEqual(len(json_bytes(parse_claims_file(json_bytes(
             {"alice": {"x": "y" * 4088}})).of("alice"))), 4096)
         parse_claims_file(json_bytes({"a" * 256: {"x": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}}))
+
+    @settings(max_examples=200, deadline=None, database=None)
+    @given(st.binary(max_size=200) | st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6),
+        lambda children: st.lists(children, max_size=4)
+        | st.dictionaries(st.sampled_from(["*", "alice", "", "iss", "groups", "\u202e", "a"]) |
+                          st.text(max_size=4), children, max_size=4),
+        max_leaves=16).map(lambda document: json.dumps(document).encode()))
+    def test_fuzz_claims_files(self, data):
+        # a claims file is a ValueError with a message, or claims that every token can carry
+        try:
+            claims = parse_claims_file(data)
+        except ValueError as error:
+            self.assertTrue(str(error))
+            return
+        for subject in (*claims.per_subject, "someone else"):
+            extra = claims.of(subject)
+            self.assertFalse(set(extra) & set(jwt_issuer.ISSUER_CLAIMS))
+            self.assertLessEqual(len(json_bytes(extra)), jwt_issuer.MAX_SUBJECT_CLAIMS_BYTES)
+            token = parse_key_file(json_bytes(A3_JWK)).sign(make_claims(subject, issuer="i", audience=(), ttl=1,
+                                                        now=0, jti="j", extra=extra))
+            self.assertEqual(json.loads(b64url_decode(token.split(".")[1]))["sub"], subject)
 
     def test_a_file_over_a_mebibyte_is_refused_before_it_is_parsed(self):
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
