@@ -4711,9 +4711,9 @@ class ReplacementWorkerTest(LifecycleTestCase):
 
     def test_a_worker_started_after_a_reload_signs_with_the_new_key_and_new_users(self):
         """Item 2: after SIGHUP (new key first, old one published after it;
-        bob removed) a worker is killed; its replacement, like the survivor,
-        signs only with the new kid, refuses bob, and publishes the new kid
-        first."""
+        bob removed; alice's claims changed) a worker is killed; its
+        replacement, like the survivor, signs only with the new kid and
+        alice's new claims, refuses bob, and publishes the new kid first."""
         self.busy()
         old, new = new_key(), new_key()
         old_kid, new_kid = private_jwk(old)["kid"], private_jwk(new)["kid"]
@@ -4722,7 +4722,9 @@ class ReplacementWorkerTest(LifecycleTestCase):
                                                   hash_file_line("bob", "bob-pw")))
         alice = {"Authorization": basic("alice", "alice-pw")}
         bob = {"Authorization": basic("bob", "bob-pw")}
-        process = self.start("--key", key, "--auth-file", users, "--workers", "2")
+        claims = self.write("claims.json", {"alice": {"groups": ["dev"]}})
+        process = self.start("--key", key, "--auth-file", users, "--workers", "2",
+                             "--claims", claims)
         workers = self.workers_of(process)
         for _ in range(4):  # both are good at the start (and bob's password is remembered)
             self.assertEqual(self.post_token(process.url, alice)[0], 200)
@@ -4730,6 +4732,7 @@ class ReplacementWorkerTest(LifecycleTestCase):
 
         self.replace_file(key, {"keys": [private_jwk(new), public_jwk(old.public_key())]})
         self.replace_file(users, hash_file_line("alice", "alice-pw") + "\n")
+        self.replace_file(claims, {"alice": {"groups": ["dev", "ops"]}})
         process.proc.send_signal(signal.SIGHUP)
         for _ in range(3):  # the supervisor and both workers
             process.wait_for("reloaded keys from %s: signing with kid %s" % (key, new_kid))
@@ -4751,6 +4754,7 @@ class ReplacementWorkerTest(LifecycleTestCase):
             kid = segments(token)[0]["kid"]
             self.assertEqual(kid, new_kid, "token %d signed with %s kid" % (
                 count, "the old" if kid == old_kid else "an unknown"))
+            self.assertEqual(segments(token)[1]["groups"], ["dev", "ops"])
             count += 1
         self.until(lambda: self.token_servers(process, mark) == {1, 2}, process, timeout=2,
                    what="tokens from both workers, the replacement too")
