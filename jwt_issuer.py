@@ -226,13 +226,15 @@ def _finite_number(text):
     return number
 
 
-def parse_json(data, members=_refuse_duplicate_members):
+def parse_json(data, members=_refuse_duplicate_members, constant=_refuse_constant,
+               number=_finite_number, integer=int):
     """Strict JSON from bytes: UTF-8, no duplicate member names (MEMBERS makes
-    an object of its (name, value) pairs), no NaN or Infinity, no number too
-    large for a double. Raises ValueError (UnicodeDecodeError is one) with a message."""
+    an object of its (name, value) pairs), no NaN or Infinity (CONSTANT), no
+    number too large for a double (NUMBER). Raises ValueError
+    (UnicodeDecodeError is one) with a message."""
     try:
         return json.loads(data.decode("utf-8"), object_pairs_hook=members,
-                          parse_constant=_refuse_constant, parse_float=_finite_number)
+                          parse_constant=constant, parse_float=number, parse_int=integer)
     except RecursionError:
         raise ValueError("nested too deeply") from None
 
@@ -374,8 +376,13 @@ class KeySet:
                    jwks_body=json_bytes({"keys": jwks}),
                    uses_example_key=any(thumbprint(jwk) == EXAMPLE_KEY_THUMBPRINT for jwk in jwks))
 
-    def sign(self, claims):
-        return sign_jws(self.signing_key, self.header_segment, b64url_encode(json_bytes(claims)))
+    def sign(self, claims, members=b""):
+        """A token with CLAIMS, then MEMBERS: more claims, as JSON object members
+        (a subject's from --claims, encoded when the file was read)."""
+        payload = json_bytes(claims)
+        if members:
+            payload = payload[:-1] + b"," + members + b"}"
+        return sign_jws(self.signing_key, self.header_segment, b64url_encode(payload))
 
 
 def parse_key_file(data):
@@ -407,17 +414,15 @@ def parse_key_file(data):
 
 # ---------------------------------------------------------------- the pure core: claims and signing
 
-def make_claims(sub, *, issuer, audience, ttl, now, jti, extra=None):
-    """The JWT claims (RFC 7519 §4.1), then EXTRA: the subject's from --claims,
-    which cannot hold these names. One audience is a string, several a list (§4.1.3)."""
+def make_claims(sub, *, issuer, audience, ttl, now, jti):
+    """The JWT claims the issuer sets (RFC 7519 §4.1). One audience is a
+    string, several a list (§4.1.3)."""
     claims = {"iss": issuer, "sub": sub}
     if audience:
         claims["aud"] = audience[0] if len(audience) == 1 else list(audience)
     claims["iat"] = claims["nbf"] = now  # in this order: iat, then nbf
     claims["exp"] = now + ttl
     claims["jti"] = jti
-    if extra:
-        claims.update(extra)
     return claims
 
 
@@ -554,52 +559,71 @@ class _Members(list):
     can be reported with where it is."""
 
 
-def _checked(value, path, depth=0):
-    """VALUE parsed with _Members made plain, with no duplicate member and
-    nested at most MAX_CLAIM_DEPTH deep; ValueError says where, by PATH."""
+I_JSON_INTEGERS = 2 ** 53 - 1  # RFC 7493 §2.2: beyond, verifiers that read doubles round
+
+
+def _checked(value, where, depth=0):
+    """VALUE parsed with _Members made plain dicts; ValueError, saying WHERE
+    (never a value, nor a name inside one), on a duplicate member, nesting
+    over MAX_CLAIM_DEPTH, or a number a verifier cannot read exactly."""
     if depth > MAX_CLAIM_DEPTH:
-        raise ValueError("%s is nested more than %d deep" % (_where(path), MAX_CLAIM_DEPTH))
+        raise ValueError("%s is nested more than %d deep" % (where, MAX_CLAIM_DEPTH))
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("%s holds NaN, Infinity or a number out of range" % where)
+    if type(value) is int and abs(value) > I_JSON_INTEGERS:
+        raise ValueError("%s holds an integer beyond 2^53 - 1, which verifiers that read "
+                         "numbers as doubles change (RFC 7493 §2.2); write it as a string" % where)
     if isinstance(value, list) and not isinstance(value, _Members):
-        return [_checked(item, path, depth + 1) for item in value]
+        return [_checked(item, where, depth + 1) for item in value]
     if not isinstance(value, _Members):
         return value
     checked = {}
     for name, item in value:
+        inner = ("subject %s" % _shown(name) if depth == 0 else
+                 "%s, claim %s" % (where, _shown(name)) if depth == 1 else where)
         if name in checked:
-            raise ValueError("%s appears twice" % _where(path + (name,)))
-        checked[name] = _checked(item, path + (name,), depth + 1)
+            raise ValueError("%s appears twice" % inner if depth < 2 else
+                             "%s has a member twice" % where)
+        checked[name] = _checked(item, inner, depth + 1)
     return checked
 
 
-def _where(path):
-    """Where in a claims file PATH (subject, claim, member...) is, in words."""
-    words = ["subject %s" % _shown(path[0])]
-    if len(path) > 1:
-        words.append("claim %s" % _shown(path[1]))
-    words.extend("member %s" % _shown(name) for name in path[2:])
-    return ", ".join(words)
+def _member_text(name, value):
+    return json_bytes({name: value})[1:-1]  # b'"name":value'
 
 
 class Claims(NamedTuple):
-    """A claims file, checked: each subject's claims over the "*" ones,
-    merged once here rather than per token."""
+    """A claims file, checked: each subject's claims and the "*" ones, kept
+    as JSON members encoded once here, which a token splices in (encoding
+    them per token cost 2.7% of a token: see the README's Performance)."""
 
-    per_subject: dict  # subject -> its claims, "*" merged in
-    everyone: dict  # the "*" claims, for a subject the file does not name
+    per_subject: dict  # subject -> (its own members, the names of "*" ones it overrides)
+    everyone: dict  # name -> the member of a "*" claim
     names: tuple  # every claim name the file sets, sorted
 
-    def of(self, sub):
-        return self.per_subject.get(sub, self.everyone)
+    def members(self, sub):
+        """The JSON members of SUB's claims: "*" first, then its own over them."""
+        own, overridden = self.per_subject.get(sub, (b"", ()))
+        kept = [text for name, text in self.everyone.items() if name not in overridden]
+        return b",".join(kept + [own] if own else kept)
 
 
 NO_CLAIMS = Claims({}, {}, ())
 
 
+def _claims_number(text):
+    # NaN, Infinity, out of range: refused in _checked, which can say where
+    if text.lstrip("-").isdigit():
+        return int(text) if len(text) <= 400 else float("inf")
+    return float(text)
+
+
 def parse_claims_file(data):
     """Claims from a claims file's bytes: {"*": {...}, SUBJECT: {...}}. A
-    ValueError names the subject, the claim and the problem, never a value."""
+    ValueError names the subject and the claim and the problem, never a value."""
     try:
-        document = parse_json(data, members=_Members)
+        document = parse_json(data, members=_Members, constant=_claims_number,
+                              number=_claims_number, integer=_claims_number)
     except UnicodeDecodeError:
         raise ValueError("is not UTF-8") from None
     except ValueError as error:
@@ -607,32 +631,43 @@ def parse_claims_file(data):
     if not isinstance(document, _Members):
         raise ValueError("must be a JSON object of subjects and their claims, not %s"
                          % _kind(document))
-    document = _checked(document, ())
+    document = _checked(document, "the file")
+    texts = {}
     for subject, claims in document.items():
+        who = "subject %s" % _shown(subject)
         problem = subject != EVERYONE and subject_problem(subject)
         if problem:
-            raise ValueError("subject %s %s" % (_shown(subject), problem))
+            raise ValueError("%s %s" % (who, problem))
         if not isinstance(claims, dict):
-            raise ValueError("subject %s: its claims must be a JSON object, not %s"
-                             % (_shown(subject), _kind(claims)))
-        for name in claims:
+            raise ValueError("%s: its claims must be a JSON object, not %s"
+                             % (who, _kind(claims)))
+        texts[subject] = {}
+        for name, value in claims.items():
             if not name:
-                raise ValueError("subject %s: a claim name must not be empty" % _shown(subject))
-            if name in ISSUER_CLAIMS:
-                raise ValueError("subject %s: claim %s is the issuer's own; it cannot be set here"
-                                 % (_shown(subject), _shown(name)))
-    everyone = document.pop(EVERYONE, {})
-    per_subject = {subject: {**everyone, **claims} for subject, claims in document.items()}
-    for subject, claims in ((EVERYONE, everyone), *per_subject.items()):
-        try:
-            size = len(json_bytes(claims))
-        except UnicodeEncodeError:  # "\ud800" is valid JSON but no Unicode text
-            raise ValueError("subject %s: a claim holds text that is not valid Unicode"
-                             % _shown(subject)) from None
+                raise ValueError("%s: a claim name must not be empty" % who)
+            if name.casefold() in ISSUER_CLAIMS:  # "EXP", "ſub": verifiers fold case
+                raise ValueError("%s: claim %s is the issuer's own (in any case); it cannot "
+                                 "be set here" % (who, _shown(name)))
+            try:
+                texts[subject][name] = _member_text(name, value)
+            except UnicodeEncodeError:  # "\ud800" is valid JSON but no Unicode text
+                raise ValueError("%s, claim %s: holds text that is not valid Unicode"
+                                 % (who, _shown(name))) from None
+    everyone = texts.pop(EVERYONE, {})
+    everyone_size = sum(len(text) + 1 for text in everyone.values())  # a comma after each
+    if 1 + everyone_size > MAX_SUBJECT_CLAIMS_BYTES:
+        raise ValueError("subject \"*\": its claims are %d bytes as JSON, over %d"
+                         % (1 + everyone_size, MAX_SUBJECT_CLAIMS_BYTES))
+    per_subject = {}
+    for subject, own in texts.items():
+        overridden = frozenset(own) & frozenset(everyone)
+        size = (1 + everyone_size + sum(len(text) + 1 for text in own.values())
+                - sum(len(everyone[name]) + 1 for name in overridden))  # "{" ... "}"
         if size > MAX_SUBJECT_CLAIMS_BYTES:
             raise ValueError("subject %s: its claims (with the \"*\" ones) are %d bytes as JSON, "
                              "over %d" % (_shown(subject), size, MAX_SUBJECT_CLAIMS_BYTES))
-    names = sorted({name for claims in (everyone, *document.values()) for name in claims})
+        per_subject[subject] = (b",".join(own.values()), overridden)
+    names = sorted({name for claims in document.values() for name in claims})
     return Claims(per_subject, everyone, tuple(names))
 
 
@@ -1459,8 +1494,9 @@ class Issuer:
 
 
 def _subjects(claims):
-    return "%d subjects%s" % (len(claims.per_subject),
-                              ' and "*" (everyone)' if claims.everyone else "")
+    count = len(claims.per_subject)
+    return "%d subject%s%s" % (count, "" if count == 1 else "s",
+                               ' and "*" (everyone)' if claims.everyone else "")
 
 
 def load_issuer(config, previous=None):
@@ -1706,9 +1742,8 @@ def issue_token(request):
     sub = authenticated or name
     # RFC 7519 §4.1.7: a jti with a "negligible probability" of a repeat: 96 random bits
     claims = make_claims(sub, issuer=config.issuer, audience=audience, ttl=ttl,
-                         now=int(time.time()), jti=b64url_encode(os.urandom(12)),
-                         extra=issuer.claims.of(sub))
-    token = keys.sign(claims)
+                         now=int(time.time()), jti=b64url_encode(os.urandom(12)))
+    token = keys.sign(claims, issuer.claims.members(sub))
     service.metrics.token_issued()
     log_line(logging.INFO, "issued sub=%s kid=%s jti=%s exp=%d", _quoted(sub), keys.kid,
              claims["jti"], claims["exp"], held=True)

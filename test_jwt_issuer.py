@@ -81,6 +81,7 @@ from jwt_issuer import (
     json_bytes,
     make_claims,
     parse_claims_file,
+    parse_json,
     parse_head,
     parse_key_file,
     private_jwk,
@@ -3426,19 +3427,40 @@ CLAIMS = {"*": {"env": "dev"},
                   "extra": {"n": 1, "ok": True, "list": [1.5, None]}}}
 
 
+def claims_of(claims, subject):
+    """The claims a token for SUBJECT carries from CLAIMS, as a dict."""
+    return parse_json(b"{%s}" % claims.members(subject))
+
+
 class ClaimsFileTest(unittest.TestCase):
     def test_everyone_then_the_subject_member_by_member(self):
         claims = parse_claims_file(json_bytes(CLAIMS))
-        self.assertEqual(claims.of("alice"), {"env": "dev", "groups": ["ops", "dev"],
-                                              "team": "infra"})
-        self.assertEqual(claims.of("bob")["env"], "staging")  # the subject's win
-        self.assertEqual(claims.of("bob")["extra"], {"n": 1, "ok": True, "list": [1.5, None]})
-        self.assertEqual(claims.of("carol"), {"env": "dev"})
+        self.assertEqual(claims_of(claims, "alice"), {"env": "dev", "groups": ["ops", "dev"],
+                                                      "team": "infra"})
+        self.assertEqual(claims_of(claims, "bob")["env"], "staging")  # the subject's win
+        self.assertEqual(claims_of(claims, "bob")["extra"],
+                         {"n": 1, "ok": True, "list": [1.5, None]})
+        self.assertEqual(claims_of(claims, "carol"), {"env": "dev"})
         self.assertEqual(claims.names, ("env", "extra", "groups", "team"))
-        self.assertEqual(parse_claims_file(b'{"bob": {"x": 1}}').of("alice"), {})
+        self.assertEqual(parse_claims_file(b'{"bob": {"x": 1}}').members("alice"), b"")
         # no deep merge: an object claim of the subject replaces everyone's whole
         merged = parse_claims_file(b'{"*": {"o": {"a": 1}}, "bob": {"o": {"b": 2}}}')
-        self.assertEqual(merged.of("bob"), {"o": {"b": 2}})
+        self.assertEqual(claims_of(merged, "bob"), {"o": {"b": 2}})
+        # null sets a claim to null; it does not take it away
+        self.assertEqual(claims_of(parse_claims_file(b'{"*": {"x": 1}, "bob": {"x": null}}'),
+                                   "bob"), {"x": None})
+
+    def test_a_big_star_is_not_copied_per_subject(self):
+        # 1 MiB of subjects under a 4 KiB "*": read in well under a second, and small
+        star = {"k%d" % n: "v" * 90 for n in range(40)}
+        document = {"*": star, **{"s%d" % n: {} for n in range(80000)}}
+        data = json_bytes(document)
+        self.assertLess(len(data), jwt_issuer.MAX_CLAIMS_FILE_BYTES)
+        started = time.process_time()
+        claims = parse_claims_file(data)
+        self.assertLess(time.process_time() - started, 2)
+        self.assertIs(claims.per_subject["s1"][0], claims.per_subject["s2"][0])
+        self.assertEqual(claims_of(claims, "s79999"), star)
 
     def test_what_a_file_cannot_hold_names_the_subject_and_the_claim(self):
         cases = {
@@ -3453,12 +3475,30 @@ class ClaimsFileTest(unittest.TestCase):
             b'{"*": null}': 'subject "*": its claims must be a JSON object, not null',
             b'{"alice": {}, "alice": {}}': 'subject "alice" appears twice',
             b'{"alice": {"team": "a", "team": "b"}}': 'subject "alice", claim "team" appears twice',
-            b'{"alice": {"o": [{"k": 1, "k": 2}]}}': 'subject "alice", claim "o", member "k" '
-                                                     'appears twice',
+            b'{"alice": {"o": [{"SECRET": 1, "SECRET": 2}]}}': 'subject "alice", claim "o" has a '
+                                                               'member twice',
+            b'{"alice": {"o": {"SECRET": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}}}':
+                'subject "alice", claim "o" is nested more than 32 deep',
+            b'{"alice": {"EXP": 1}}': 'subject "alice": claim "EXP" is the issuer\'s own (in any '
+                                     'case); it cannot be set here',
+            b'{"*": {"\\u017fub": "root"}}': 'subject "*": claim "\\u017fub" is the issuer\'s own '
+                                             '(in any case); it cannot be set here',
+            b'{"alice": {"n": 9007199254740992}}': 'subject "alice", claim "n" holds an integer '
+                                                  'beyond 2^53 - 1, which verifiers that read '
+                                                  'numbers as doubles change (RFC 7493 §2.2); '
+                                                  'write it as a string',
+            b'{"alice": {"n": 1' + b"0" * 5000 + b'}}': 'subject "alice", claim "n" holds NaN, '
+                                                        'Infinity or a number out of range',
+            b'{"alice": {"n": -77777777777777777777777777777777777e999}}':
+                'subject "alice", claim "n" holds NaN, Infinity or a number out of range',
             b'{"alice": {"": 1}}': 'subject "alice": a claim name must not be empty',
-            b'{"alice": {"x": NaN}}': "is not valid JSON: NaN is not JSON",
-            b'{"alice": {"x": 1e999}}': "is not valid JSON: number 1e999 is out of range",
-            b'{"alice": {"x": "\\udc00"}}': 'subject "alice": a claim holds text that is not '
+            b'{"alice": {"x": NaN}}': 'subject "alice", claim "x" holds NaN, Infinity or a '
+                                      'number out of range',
+            b'{"alice": {"x": [-Infinity]}}': 'subject "alice", claim "x" holds NaN, Infinity or a '
+                                              'number out of range',
+            b'{"alice": {"x": 1e999}}': 'subject "alice", claim "x" holds NaN, Infinity or a '
+                                        'number out of range',
+            b'{"alice": {"x": "\\udc00"}}': 'subject "alice", claim "x": holds text that is not '
                                             'valid Unicode',
             b'{"": {}}': 'subject "" must not be empty',
             b'{"ad\\u202emin": {}}': 'subject "ad\\u202emin" must not contain invisible or '
@@ -3468,6 +3508,10 @@ class ClaimsFileTest(unittest.TestCase):
                                                      'ones) are 4098 bytes as JSON, over 4096',
             json_bytes({"*": {"x": "y" * 3000}, "alice": {"z": "y" * 1090}}):
                 'subject "alice": its claims (with the "*" ones) are 4105 bytes as JSON, over 4096',
+            json_bytes({"*": {"x": "y" * 5000}, "alice": {}}):
+                'subject "*": its claims are 5008 bytes as JSON, over 4096',
+            json_bytes({"*": {"x": "y" * 3000, "z": 1}, "alice": {"x": "y" * 4084}}):
+                'subject "alice": its claims (with the "*" ones) are 4098 bytes as JSON, over 4096',
             json_bytes({"alice": {"x": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}}):
                 'subject "alice", claim "x" is nested more than 32 deep',
             b'{"alice": {"x": ' + b"[" * 100000 + b"]" * 100000 + b"}}":
@@ -3475,17 +3519,23 @@ class ClaimsFileTest(unittest.TestCase):
         }
         for reserved in ("iss", "sub", "aud", "exp", "nbf", "iat", "jti", "client_id"):
             cases[json_bytes({"*": {reserved: "x"}})] = (
-                'subject "*": claim "%s" is the issuer\'s own; it cannot be set here' % reserved)
-            cases[json_bytes({"bob": {"team": 1, reserved: "x"}})] = (
-                'subject "bob": claim "%s" is the issuer\'s own; it cannot be set here' % reserved)
+                'subject "*": claim "%s" is the issuer\'s own (in any case); it cannot be set '
+                'here' % reserved)
+            cases[json_bytes({"bob": {"team": 1, reserved.upper(): "x"}})] = (
+                'subject "bob": claim "%s" is the issuer\'s own (in any case); it cannot be set '
+                'here' % reserved.upper())
         for data, message in cases.items():
             with self.subTest(data=data[:60]):
                 with self.assertRaises(ValueError) as caught:
                     parse_claims_file(data)
                 self.assertEqual(str(caught.exception), message)
         # at the limits, not over them
-        self.assertEqual(len(json_bytes(parse_claims_file(json_bytes(
-            {"alice": {"x": "y" * 4088}})).of("alice"))), 4096)
+        self.assertEqual(len(json_bytes(claims_of(parse_claims_file(json_bytes(
+            {"alice": {"x": "y" * 4088}})), "alice"))), 4096)
+        self.assertEqual(len(json_bytes(claims_of(parse_claims_file(json_bytes(
+            {"*": {"x": "y" * 3000, "z": 1}, "alice": {"x": "y" * 4082}})), "alice"))), 4096)
+        self.assertEqual(claims_of(parse_claims_file(b'{"a": {"n": -9007199254740991}}'), "a"),
+                         {"n": -9007199254740991})
         parse_claims_file(json_bytes({"a" * 256: {"x": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}}))
 
     @settings(max_examples=200, deadline=None, database=None)
@@ -3502,13 +3552,15 @@ class ClaimsFileTest(unittest.TestCase):
         except ValueError as error:
             self.assertTrue(str(error))
             return
+        keys = parse_key_file(json_bytes(A3_JWK))
         for subject in (*claims.per_subject, "someone else"):
-            extra = claims.of(subject)
-            self.assertFalse(set(extra) & set(jwt_issuer.ISSUER_CLAIMS))
+            extra = claims_of(claims, subject)
+            self.assertFalse({name.casefold() for name in extra} & set(jwt_issuer.ISSUER_CLAIMS))
             self.assertLessEqual(len(json_bytes(extra)), jwt_issuer.MAX_SUBJECT_CLAIMS_BYTES)
-            token = parse_key_file(json_bytes(A3_JWK)).sign(make_claims(subject, issuer="i", audience=(), ttl=1,
-                                                        now=0, jti="j", extra=extra))
-            self.assertEqual(json.loads(b64url_decode(token.split(".")[1]))["sub"], subject)
+            token = keys.sign(make_claims(subject, issuer="i", audience=(), ttl=1, now=0,
+                                          jti="j"), claims.members(subject))
+            payload = parse_json(b64url_decode(token.split(".")[1]))  # no duplicate member
+            self.assertEqual(payload, dict(payload, sub=subject, **extra))
 
     def test_a_file_over_a_mebibyte_is_refused_before_it_is_parsed(self):
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
@@ -3670,9 +3722,11 @@ class ClaimsProcessTest(TempDirTestCase):
     def test_a_bad_claims_file_stops_the_start_with_what_and_where(self):
         cases = [
             ({"alice": {"iss": "https://forged"}},
-             'subject "alice": claim "iss" is the issuer\'s own; it cannot be set here'),
+             'subject "alice": claim "iss" is the issuer\'s own (in any case); it cannot be set '
+             'here'),
             ({"*": {"client_id": "x"}},
-             'subject "*": claim "client_id" is the issuer\'s own; it cannot be set here'),
+             'subject "*": claim "client_id" is the issuer\'s own (in any case); it cannot be '
+             'set here'),
             (b'{"alice": {"team": "a"},\n "alice": {}}', 'subject "alice" appears twice'),
             (b'{"alice": {"team": "a"}', "is not valid JSON: Expecting ',' delimiter: line 1 "
                                          "column 24 (char 23)"),
