@@ -2574,18 +2574,20 @@ def supervise(server, service, count, ready):
             timeout = max(0.0, min(restarts.values()) - now)
         else:
             timeout = None
-        for signum in signals.wait(timeout):
-            if signum in STOP_SIGNALS and stopping_since is None:
-                stopping_since = time.monotonic()
-                restarts.clear()
-                refuse_new_connections(server.socket)  # the workers serve what was queued
-                server.server_close()
-                for pid in workers:
-                    os.kill(pid, signal.SIGTERM)
-            elif signum in RELOAD_SIGNALS and stopping_since is None:
-                service.reload()
-                for pid in workers:
-                    os.kill(pid, signum)
+        # What came since the last look, taken together: a stop wins over any
+        # reload, and a burst of SIGHUPs is one reload, not one per signal.
+        came = set(signals.wait(timeout))
+        if came & set(STOP_SIGNALS) and stopping_since is None:
+            stopping_since = time.monotonic()
+            restarts.clear()
+            refuse_new_connections(server.socket)  # the workers serve what was queued
+            server.server_close()
+            for pid in workers:
+                os.kill(pid, signal.SIGTERM)
+        elif came & set(RELOAD_SIGNALS) and stopping_since is None:
+            service.reload()
+            for pid in workers:
+                os.kill(pid, signal.SIGHUP)
         while workers:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)

@@ -3753,6 +3753,23 @@ class ClaimsProcessTest(TempDirTestCase):
             self.assertEqual(result.returncode, 2, result.stderr)
             self.assertEqual(os.listdir(empty), [])
 
+    def test_a_burst_of_sighups_is_one_reload_and_sigterm_is_not_kept_waiting(self):
+        # A claims file near 1 MiB makes each reload take a while: 40 SIGHUPs
+        # that came meanwhile are one more reload, not 40, and SIGTERM after
+        # them stops the issuer within a reload or two.
+        big = {"*": {"env": "dev"}, **{"subject%d" % n: {"team": "t%d" % n, "groups": ["a", "b"]}
+                                       for n in range(18000)}}
+        path = self.write("claims.json", big)
+        self.assertGreater(os.path.getsize(path), 900 * 1024)
+        process = self.start("--key", self.key_file(), "--claims", path, "--workers", "2")
+        for _ in range(40):
+            process.proc.send_signal(signal.SIGHUP)
+            time.sleep(0.002)
+        started = time.monotonic()
+        self.assertEqual(process.stop(), 0)
+        self.assertLess(time.monotonic() - started, 10)
+        self.assertLessEqual(process.log.count("supervisor: reloaded claims"), 3, process.log)
+
     def test_sighup_reloads_the_claims_and_a_bad_file_keeps_them(self):
         path = self.write("claims.json", CLAIMS)
         process = self.start("--key", self.key_file(), "--claims", path,
