@@ -537,8 +537,9 @@ def requested_audience(value, configured):
                                                 "of strings, not %s" % _kind(value))
     for audience in values:
         if audience not in configured:
-            raise HTTPError(400, "invalid_target", "audience %s is not one this issuer serves "
-                            "(%s)" % (_shown(audience), "see --audience" if configured else
+            shown = audience if len(audience) <= 64 else audience[:64] + "..."
+            raise HTTPError(400, "invalid_target", "audience '%s' is not one this issuer serves "
+                            "(%s)" % (shown, "see --audience" if configured else
                                       "it has no --audience"))
     return tuple(dict.fromkeys(values))
 
