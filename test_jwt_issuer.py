@@ -5738,13 +5738,19 @@ class VaultTest(TempDirTestCase):
                 self.assert_refused("jwt-glob", issuer.token("bob"), 'claim "%s" does not match '
                                     "any associated bound claim values" % role, role)
 
-    def test_claims_2_groups_claim_to_an_external_group_policy(self):
-        issuer, _ = self.claims_issuer()
-        accessor = self.mount("jwt-groups", issuer)
-        self.policy("ops_keys", "kv/ops/*")
-        self.external_group("ops", "ops_keys", accessor)
-        self.role("jwt-groups", "members", bound_subject="", groups_claim="groups",
+    def groups_setup(self, mount, group):
+        """An issuer with CLAIMS; at MOUNT, the role "members" with groups_claim,
+        and the external GROUP with a policy on kv/ops/*: (issuer, claims path)."""
+        issuer, path = self.claims_issuer()
+        accessor = self.mount(mount, issuer)
+        self.policy(group + "_keys", "kv/ops/*")
+        self.external_group(group, group + "_keys", accessor)
+        self.role(mount, "members", bound_subject="", groups_claim="groups",
                   bound_claims={"env": ["dev", "staging"]}, token_policies=["default"])
+        return issuer, path
+
+    def test_claims_2_groups_claim_to_an_external_group_policy(self):
+        issuer, _ = self.groups_setup("jwt-groups", "ops")
         alice = self.assert_logs_in("jwt-groups", issuer.token("alice"), "members")
         self.assertEqual(alice["identity_policies"], ["ops_keys"])
         self.assertTrue(self.can_write(alice["client_token"], "kv/ops/alice"))
@@ -5798,12 +5804,7 @@ class VaultTest(TempDirTestCase):
         self.assert_logs_in("jwt-short-ttl", issuer.token(extra={"ttl": 60}))
 
     def test_claims_7_reloaded_claims_apply_to_the_next_token(self):
-        issuer, path = self.claims_issuer()
-        accessor = self.mount("jwt-reload", issuer)
-        self.policy("ops_reload", "kv/ops/*")
-        self.external_group("ops-reload", "ops_reload", accessor)
-        self.role("jwt-reload", "members", bound_subject="", groups_claim="groups",
-                  bound_claims={"env": ["dev", "staging"]}, token_policies=["default"])
+        issuer, path = self.groups_setup("jwt-reload", "ops-reload")
         claims = json.loads(json.dumps(CLAIMS).replace('"ops"', '"ops-reload"'))
         self.replace_file(path, claims)
         issuer.proc.send_signal(signal.SIGHUP)
