@@ -3465,9 +3465,8 @@ class ClaimsFileTest(unittest.TestCase):
     def test_what_a_file_cannot_hold_names_the_subject_and_the_claim(self):
         cases = {
             b"": "is not valid JSON: Expecting value: line 1 column 1 (char 0)",
-            b'{\n  "alice": {"team": "infra",}\n}': "is not valid JSON: Expecting property name "
-                                                   "enclosed in double quotes: line 2 column 29 "
-                                                   "(char 30)",
+            b'{\n  "alice" {"team": "infra"}\n}': "is not valid JSON: Expecting ':' delimiter: "
+                                                  "line 2 column 11 (char 12)",
             b"\xff{}": "is not UTF-8",
             b'[{"alice": {}}]': "must be a JSON object of subjects and their claims, not a list",
             b'"alice"': "must be a JSON object of subjects and their claims, not a string",
