@@ -600,16 +600,20 @@ class Claims(NamedTuple):
 
     per_subject: dict  # subject -> (its own members, the names of "*" ones it overrides)
     everyone: dict  # name -> the member of a "*" claim
+    everyone_text: bytes  # all of them, joined
     names: tuple  # every claim name the file sets, sorted
 
     def members(self, sub):
         """The JSON members of SUB's claims: "*" first, then its own over them."""
         own, overridden = self.per_subject.get(sub, (b"", ()))
-        kept = [text for name, text in self.everyone.items() if name not in overridden]
-        return b",".join(kept + [own] if own else kept)
+        if overridden:
+            kept = [text for name, text in self.everyone.items() if name not in overridden]
+            return b",".join(kept + [own])
+        return self.everyone_text + b"," + own if own and self.everyone_text else \
+            own or self.everyone_text
 
 
-NO_CLAIMS = Claims({}, {}, ())
+NO_CLAIMS = Claims({}, {}, b"", ())
 
 
 def _claims_number(text):
@@ -669,7 +673,7 @@ def parse_claims_file(data):
                              "over %d" % (_shown(subject), size, MAX_SUBJECT_CLAIMS_BYTES))
         per_subject[subject] = (b",".join(own.values()), overridden)
     names = sorted({name for claims in document.values() for name in claims})
-    return Claims(per_subject, everyone, tuple(names))
+    return Claims(per_subject, everyone, b",".join(everyone.values()), tuple(names))
 
 
 def discovery_document(issuer, claims_supported):
