@@ -2444,27 +2444,41 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 RELOAD_SIGNALS = (signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()
 
 
-def _do_nothing(signum, frame):
-    pass
-
-
 class Signals:
-    """Signals as bytes on a pipe (signal.set_wakeup_fd). The handlers do
-    nothing: a signal can come while its thread holds a lock (the logging
-    lock, the one Thread.start takes), and a handler that took it again
-    would wait forever. A thread or a select() loop reads what came, and acts."""
+    """Signals as flags, with a pipe to wake the one who waits for them
+    (signal.set_wakeup_fd). A handler only sets its signal's flag: a signal
+    can come while its thread holds a lock (the logging lock, the one
+    Thread.start takes), and a handler that took it again would wait forever.
+    A byte on a full pipe is lost, and a burst of signals could fill it; a
+    flag is not lost. A thread or a select() loop reads what came, and acts."""
 
     def __init__(self, signums):
+        self._came = dict.fromkeys(signums, False)
         self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
         os.set_blocking(self._write, False)
-        signal.set_wakeup_fd(self._write)  # before the handlers: no signal goes unseen
+        signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)  # before the handlers
         for signum in signums:
-            signal.signal(signum, _do_nothing)
+            signal.signal(signum, self._flag)
 
-    def wait(self, timeout=None):
-        """The signals that came: waits for one, or for TIMEOUT seconds."""
-        ready, _, _ = select.select([self._read], [], [], timeout)
-        return list(os.read(self._read, 512)) if ready else []
+    def _flag(self, signum, frame):
+        self._came[signum] = True  # one store: nothing that could wait
+
+    def wait(self, timeout=TICK_SECONDS):
+        """The signals that came since the last call, as a set: waits for one,
+        or for TIMEOUT seconds. A handler runs in the main thread, maybe after
+        its byte woke this one: a flag it sets then is seen at the next call,
+        which the TIMEOUT bounds."""
+        select.select([self._read], [], [], timeout)
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._read, 65536):
+                pass
+        came = set()
+        for signum, flagged in self._came.items():
+            if flagged:
+                self._came[signum] = False
+                came.add(signum)
+        return came
 
     def close(self):
         signal.set_wakeup_fd(-1)
@@ -2503,11 +2517,11 @@ def run_worker(server, service, lifeline=None, ready=None):
 
     def watch():
         while True:
-            for signum in signals.wait():
-                if signum in RELOAD_SIGNALS:
-                    reloader.request()
-                elif signum in STOP_SIGNALS:
-                    server.shutdown()  # waits for serve_forever(): never on its own thread
+            came = signals.wait()
+            if came & set(STOP_SIGNALS):
+                server.shutdown()  # waits for serve_forever(): never on its own thread
+            elif came & set(RELOAD_SIGNALS):
+                reloader.request()
 
     def watch_lifeline():
         os.read(lifeline, 1)  # nobody writes: this returns when the last writer is gone
@@ -2573,15 +2587,12 @@ def supervise(server, service, count, ready):
     ready()
     while workers or (restarts and stopping_since is None):
         now = time.monotonic()
-        if stopping_since is not None:
-            timeout = TICK_SECONDS
-        elif restarts:
-            timeout = max(0.0, min(restarts.values()) - now)
-        else:
-            timeout = None
+        timeout = TICK_SECONDS
+        if restarts and stopping_since is None:
+            timeout = min(timeout, max(0.0, min(restarts.values()) - now))
         # What came since the last look, taken together: a stop wins over any
         # reload, and a burst of SIGHUPs is one reload, not one per signal.
-        came = set(signals.wait(timeout))
+        came = signals.wait(timeout)
         if came & set(STOP_SIGNALS) and stopping_since is None:
             stopping_since = time.monotonic()
             restarts.clear()
