@@ -589,6 +589,26 @@ def _checked(value, where, depth=0):
     return checked
 
 
+def _folds(name):
+    """NAME as verifiers that ignore case may compare it: folded down, and up
+    then down (Java's equalsIgnoreCase takes "ıat" for "iat"; "ſub" folds to "sub")."""
+    return {folded.replace("i\u0307", "i") for folded in (name.casefold(), name.upper().casefold())}
+
+
+def _fold_clash(names, beside=None):
+    """Two different names that fold alike, among NAMES (a dict), or one of
+    NAMES and one of BESIDE ({fold: name}) that NAMES does not override; or None."""
+    seen = {}
+    for name in names:
+        for fold in _folds(name):
+            if seen.setdefault(fold, name) != name:
+                return seen[fold], name
+            other = (beside or {}).get(fold)
+            if other is not None and other != name and other not in names:
+                return other, name
+    return None
+
+
 def _member_text(name, value):
     return json_bytes({name: value})[1:-1]  # b'"name":value'
 
@@ -650,7 +670,7 @@ def parse_claims_file(data):
         for name, value in claims.items():
             if not name:
                 raise ValueError("%s: a claim name must not be empty" % who)
-            if name.casefold() in ISSUER_CLAIMS:  # "EXP", "ſub": verifiers fold case
+            if _folds(name) & set(ISSUER_CLAIMS):  # "EXP", "ſub", "ıat": verifiers fold case
                 raise ValueError("%s: claim %s is the issuer's own (in any case); it cannot "
                                  "be set here" % (who, _shown(name)))
             try:
@@ -659,6 +679,13 @@ def parse_claims_file(data):
                 raise ValueError("%s, claim %s: holds text that is not valid Unicode"
                                  % (who, _shown(name))) from None
     everyone = texts.pop(EVERYONE, {})
+    everyone_folds = {fold: name for name in everyone for fold in _folds(name)}
+    for subject, own in ((EVERYONE, everyone), *texts.items()):
+        clash = _fold_clash(own, None if subject == EVERYONE else everyone_folds)
+        if clash:
+            raise ValueError("subject %s: claims %s and %s differ only in case, and a verifier "
+                             "that ignores case could read either" % (
+                                 _shown(subject), _shown(clash[0]), _shown(clash[1])))
     everyone_size = sum(len(text) + 1 for text in everyone.values())  # a comma after each
     if 1 + everyone_size > MAX_SUBJECT_CLAIMS_BYTES:
         raise ValueError("subject \"*\": its claims are %d bytes as JSON, over %d"

@@ -3480,6 +3480,19 @@ class ClaimsFileTest(unittest.TestCase):
                 'subject "alice", claim "o" is nested more than 32 deep',
             b'{"alice": {"EXP": 1}}': 'subject "alice": claim "EXP" is the issuer\'s own (in any '
                                      'case); it cannot be set here',
+            # dotless and dotted i: Java's equalsIgnoreCase takes "\u0131at" for "iat"
+            b'{"alice": {"\\u0131at": 1}}': 'subject "alice": claim "\\u0131at" is the issuer\'s '
+                                            'own (in any case); it cannot be set here',
+            b'{"alice": {"cl\\u0130ent_id": 1}}': 'subject "alice": claim "cl\\u0130ent_id" is the '
+                                                  'issuer\'s own (in any case); it cannot be set '
+                                                  'here',
+            # an override in another case would be a second claim, not an override
+            b'{"*": {"groups": ["all"]}, "alice": {"Groups": ["ops"]}}':
+                'subject "alice": claims "groups" and "Groups" differ only in case, and a '
+                'verifier that ignores case could read either',
+            b'{"*": {"team": 1, "TEAM": 2}}': 'subject "*": claims "team" and "TEAM" differ only '
+                                              'in case, and a verifier that ignores case could '
+                                              'read either',
             b'{"*": {"\\u017fub": "root"}}': 'subject "*": claim "\\u017fub" is the issuer\'s own '
                                              '(in any case); it cannot be set here',
             b'{"alice": {"n": 9007199254740992}}': 'subject "alice", claim "n" holds an integer '
@@ -3535,6 +3548,11 @@ class ClaimsFileTest(unittest.TestCase):
             {"*": {"x": "y" * 3000, "z": 1}, "alice": {"x": "y" * 4082}})), "alice"))), 4096)
         self.assertEqual(claims_of(parse_claims_file(b'{"a": {"n": -9007199254740991}}'), "a"),
                          {"n": -9007199254740991})
+        # overriding a "*" claim by its exact name is no clash; other names that merely
+        # look alike after NFKC (full-width letters) are names of their own to verifiers
+        self.assertEqual(claims_of(parse_claims_file(
+            '{"*": {"groups": 1, "Team": 5}, "a": {"groups": 2, "\uff49ss": 3}}'.encode()), "a"),
+            {"groups": 2, "Team": 5, "\uff49ss": 3})
         parse_claims_file(json_bytes({"a" * 256: {"x": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}}))
 
     @settings(max_examples=200, deadline=None, database=None)
