@@ -24,8 +24,8 @@ Copyright (c) 2026 the jwt-issuer authors. MIT licence: see LICENSE.
 #     and swapped in one assignment; a request reads it once.
 #   - Every error a client can cause is an HTTPError, raised where the
 #     problem is found; every answer's bytes come from render_answer.
-#   - Signal handlers do nothing but wake a thread or a loop through a pipe:
-#     no lock is ever taken inside one.
+#   - Signal handlers do nothing but set a flag, which a thread or a loop
+#     reads when a pipe wakes it: no lock is ever taken inside one.
 #   - Nothing secret is logged or served: never a private key's "d", a
 #     password or a token (the audit line names its jti).
 
