@@ -1525,10 +1525,13 @@ class Issuer:
                    _hosts_served(config))
 
 
+def _counted(count, noun):
+    return "%d %s%s" % (count, noun, "" if count == 1 else "s")
+
+
 def _subjects(claims):
-    count = len(claims.per_subject)
-    return "%d subject%s%s" % (count, "" if count == 1 else "s",
-                               ' and "*" (everyone)' if claims.everyone else "")
+    return _counted(len(claims.per_subject), "subject") + (
+        ' and "*" (everyone)' if claims.everyone else "")
 
 
 def load_issuer(config, previous=None):
@@ -1558,7 +1561,8 @@ def load_issuer(config, previous=None):
         if config.auth_file is None:
             return None
         loaded = Users(load_users(config.auth_file))
-        reloaded.append("reloaded %d users from %s" % (len(loaded.hashes), config.auth_file))
+        reloaded.append("reloaded %s from %s" % (_counted(len(loaded.hashes), "user"),
+                                                  config.auth_file))
         return loaded
 
     def tls_context():
@@ -1572,8 +1576,8 @@ def load_issuer(config, previous=None):
     for name, load, kept in (  # the keys last: a start that fails makes no key file
             ("claims", claims, lambda: "claims reload failed, keeping the claims for %s"
              % _subjects(previous.claims)),
-            ("users", users, lambda: "auth file reload failed, keeping %d users"
-             % len(previous.users.hashes)),
+            ("users", users, lambda: "auth file reload failed, keeping %s"
+             % _counted(len(previous.users.hashes), "user")),
             ("tls_context", tls_context, lambda: "TLS reload failed, keeping the certificate "
                                                  "in use"),
             ("keys", keys, lambda: "key reload failed, still signing with kid %s"
@@ -2731,7 +2735,7 @@ def serve(config):
              __version__, config.issuer, issuer.keys.kid, config.ttl,
              ", audience " + ", ".join(config.audience) if config.audience else "",
              ", claims for " + _subjects(issuer.claims) if config.claims_file else "",
-             ", %d users" % len(issuer.users.hashes) if issuer.users else "",
+             ", " + _counted(len(issuer.users.hashes), "user") if issuer.users else "",
              ", client certificates from " + config.tls_client_ca if config.tls_client_ca else "",
              ", %d workers" % config.workers if config.workers > 1 else "")
     for warning in startup_warnings(config):

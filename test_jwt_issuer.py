@@ -3400,7 +3400,7 @@ class AuthProcessTest(TempDirTestCase):
         shutil.copy(renewed_key, key)
         process.proc.send_signal(signal.SIGHUP)
         process.wait_for("reloaded the TLS certificate")
-        self.assertIn("reloaded 1 users from %s" % users, process.log)
+        self.assertIn("reloaded 1 user from %s" % users, process.log)
         self.assertEqual(token_status("bob")[0], 401)  # the cache went with the reload
         status, serial = token_status("alice")
         self.assertEqual(status, 200)
@@ -3412,7 +3412,7 @@ class AuthProcessTest(TempDirTestCase):
             f.write("not a certificate")
         process.proc.send_signal(signal.SIGHUP)
         process.wait_for("TLS reload failed, keeping the certificate in use")
-        self.assertIn("auth file reload failed, keeping 1 users: auth file %s line 1: expected "
+        self.assertIn("auth file reload failed, keeping 1 user: auth file %s line 1: expected "
                       "user:HASH" % users, process.log)
         self.assertEqual(token_status("alice"), (200, serial))
         self.assertEqual(process.stop(), 0)
