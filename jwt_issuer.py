@@ -495,9 +495,13 @@ def _kind(value):
             else "an object")
 
 
-def _shown(text, limit=64):
-    """TEXT quoted for a message, escaped, and cut to LIMIT characters."""
-    return json.dumps(text if len(text) <= limit else text[:limit] + "...")
+def _cut(text, limit=64):
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _shown(text):
+    """TEXT quoted for a message, escaped, and cut short."""
+    return json.dumps(_cut(text))
 
 
 def token_body(body, *, audience, ttl, name_required=True):
@@ -537,9 +541,8 @@ def requested_audience(value, configured):
                                                 "of strings, not %s" % _kind(value))
     for audience in values:
         if audience not in configured:
-            shown = audience if len(audience) <= 64 else audience[:64] + "..."
             raise HTTPError(400, "invalid_target", "audience '%s' is not one this issuer serves "
-                            "(%s)" % (shown, "see --audience" if configured else
+                            "(%s)" % (_cut(audience), "see --audience" if configured else
                                       "it has no --audience"))
     return tuple(dict.fromkeys(values))
 
@@ -549,7 +552,7 @@ def requested_ttl(value, longest):
     if value is None:
         return longest
     if type(value) is not int or not 1 <= value <= longest:
-        refused = _shown(str(value), 24).strip('"') if type(value) is int else _kind(value)
+        refused = _cut(str(value), 24) if type(value) is int else _kind(value)
         raise HTTPError(400, "invalid_request", "ttl must be an integer from 1 to %d, not %s"
                         % (longest, refused))
     return value
@@ -629,8 +632,9 @@ class Claims(NamedTuple):
         if overridden:
             kept = [text for name, text in self.everyone.items() if name not in overridden]
             return b",".join(kept + [own])
-        return self.everyone_text + b"," + own if own and self.everyone_text else \
-            own or self.everyone_text
+        if own and self.everyone_text:
+            return self.everyone_text + b"," + own
+        return own or self.everyone_text
 
 
 NO_CLAIMS = Claims({}, {}, b"", ())
