@@ -24,8 +24,8 @@ Copyright (c) 2026 the jwt-issuer authors. MIT licence: see LICENSE.
 #     and swapped in one assignment; a request reads it once.
 #   - Every error a client can cause is an HTTPError, raised where the
 #     problem is found; every answer's bytes come from render_answer.
-#   - Signal handlers do nothing but set a flag, which a thread or a loop
-#     reads when a pipe wakes it: no lock is ever taken inside one.
+#   - Signal handlers do nothing but wake a thread or a loop through a pipe
+#     (and flag a stop): no lock is ever taken inside one.
 #   - Nothing secret is logged or served: never a private key's "d", a
 #     password or a token (the audit line names its jti).
 
@@ -2479,40 +2479,45 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 RELOAD_SIGNALS = (signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()
 
 
+def _do_nothing(signum, frame):
+    pass
+
+
 class Signals:
-    """Signals as flags, with a pipe to wake the one who waits for them
-    (signal.set_wakeup_fd). A handler only sets its signal's flag: a signal
-    can come while its thread holds a lock (the logging lock, the one
-    Thread.start takes), and a handler that took it again would wait forever.
-    A byte on a full pipe is lost, and a burst of signals could fill it; a
-    flag is not lost. A thread or a select() loop reads what came, and acts."""
+    """Signals as bytes on a pipe (signal.set_wakeup_fd), read by a thread or
+    a select() loop, which acts. The handlers take no lock: a signal can come
+    while its thread holds one (the logging lock, the one Thread.start takes),
+    and a handler that took it again would wait forever. A byte is lost when
+    the pipe is full, as a burst of signals can make it: a lost SIGHUP is no
+    loss (a full pipe holds others), but a stop must not be lost, so a stop
+    signal's handler also sets a flag, one store, seen at the next wait."""
 
     def __init__(self, signums):
-        self._came = dict.fromkeys(signums, False)
+        self._stopped = False
         self._read, self._write = os.pipe()
         os.set_blocking(self._read, False)
         os.set_blocking(self._write, False)
         signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)  # before the handlers
         for signum in signums:
-            signal.signal(signum, self._flag)
+            signal.signal(signum, self._flag_stop if signum in STOP_SIGNALS else _do_nothing)
 
-    def _flag(self, signum, frame):
-        self._came[signum] = True  # one store: nothing that could wait
+    def _flag_stop(self, signum, frame):
+        self._stopped = True
 
     def wait(self, timeout=TICK_SECONDS):
         """The signals that came since the last call, as a set: waits for one,
-        or for TIMEOUT seconds. A handler runs in the main thread, maybe after
-        its byte woke this one: a flag it sets then is seen at the next call,
-        which the TIMEOUT bounds."""
+        or for TIMEOUT seconds, which bounds how late a stop whose byte was
+        lost is seen. The whole pipe is read: a burst is one set."""
         select.select([self._read], [], [], timeout)
-        with contextlib.suppress(BlockingIOError):
-            while os.read(self._read, 65536):
-                pass
         came = set()
-        for signum, flagged in self._came.items():
-            if flagged:
-                self._came[signum] = False
-                came.add(signum)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                data = os.read(self._read, 65536)
+                if not data:
+                    break
+                came.update(data)
+        if self._stopped:
+            came.add(STOP_SIGNALS[0])
         return came
 
     def close(self):
