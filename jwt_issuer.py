@@ -57,6 +57,7 @@ import sys
 import threading
 import time
 import unicodedata
+import urllib.parse
 from dataclasses import dataclass, replace
 from http import HTTPStatus
 from http.server import ThreadingHTTPServer
@@ -141,6 +142,15 @@ REALM = "jwt-issuer"
 # or "exp" would forge what a verifier trusts the issuer alone for.
 EVERYONE = "*"
 ISSUER_CLAIMS = ("iss", "sub", "aud", "exp", "nbf", "iat", "jti", "client_id")
+SCOPE = "scope"  # in the file, a client's ceiling: what a token may be granted at most
+
+# OAuth 2.0 client credentials (RFC 6749 §4.4) on the token endpoint, answered
+# with RFC 9068 access tokens. A form parameter may come once (§3.2), except
+# the two that name a token's audiences, which may repeat (RFC 8707 §2, RFC
+# 8693 §2.1).
+FORM_TYPE = "application/x-www-form-urlencoded"
+CLIENT_CREDENTIALS = "client_credentials"
+REPEATABLE_PARAMETERS = ("audience", "resource")
 
 # Mozilla's "intermediate" TLS 1.2 suites: AEAD only (TLS 1.3 has no others).
 TLS12_CIPHERS = ("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
@@ -355,6 +365,7 @@ class KeySet:
     kid: str
     kids: tuple  # every published kid, the signing kid first
     header_segment: str  # the JWS protected header, encoded once per key
+    access_header_segment: str  # the same with "typ": "at+jwt" (RFC 9068 §2.1)
     jwks_body: bytes
     uses_example_key: bool
 
@@ -370,19 +381,22 @@ class KeySet:
         for kid in kids:
             if kids.count(kid) > 1:
                 raise ValueError("kid %s is used by more than one key" % json.dumps(kid))
-        header = {"alg": "ES256", "typ": "JWT", "kid": kids[0]}
-        return cls(signing_key=signing[0], kid=kids[0], kids=kids,
-                   header_segment=b64url_encode(json_bytes(header)),
+        def header(typ):
+            return b64url_encode(json_bytes({"alg": "ES256", "typ": typ, "kid": kids[0]}))
+        return cls(signing_key=signing[0], kid=kids[0], kids=kids, header_segment=header("JWT"),
+                   access_header_segment=header("at+jwt"),
                    jwks_body=json_bytes({"keys": jwks}),
                    uses_example_key=any(thumbprint(jwk) == EXAMPLE_KEY_THUMBPRINT for jwk in jwks))
 
-    def sign(self, claims, members=b""):
+    def sign(self, claims, members=b"", access_token=False):
         """A token with CLAIMS, then MEMBERS: more claims, as JSON object members
-        (a subject's from --claims, encoded when the file was read)."""
+        (a subject's from --claims, encoded when the file was read). An
+        ACCESS_TOKEN is typed as one, as RFC 9068 §2.1 asks of an OAuth 2.0 grant's."""
         payload = json_bytes(claims)
         if members:
             payload = payload[:-1] + b"," + members + b"}"
-        return sign_jws(self.signing_key, self.header_segment, b64url_encode(payload))
+        header = self.access_header_segment if access_token else self.header_segment
+        return sign_jws(self.signing_key, header, b64url_encode(payload))
 
 
 def parse_key_file(data):
@@ -414,15 +428,20 @@ def parse_key_file(data):
 
 # ---------------------------------------------------------------- the pure core: claims and signing
 
-def make_claims(sub, *, issuer, audience, ttl, now, jti):
+def make_claims(sub, *, issuer, audience, ttl, now, jti, client_id=None, scope=()):
     """The JWT claims the issuer sets (RFC 7519 §4.1). One audience is a
-    string, several a list (§4.1.3)."""
+    string, several a list (§4.1.3). An OAuth 2.0 client's token names it
+    (RFC 9068 §2.2); a scope is one string, space-separated (RFC 8693 §4.2)."""
     claims = {"iss": issuer, "sub": sub}
     if audience:
         claims["aud"] = audience[0] if len(audience) == 1 else list(audience)
     claims["iat"] = claims["nbf"] = now  # in this order: iat, then nbf
     claims["exp"] = now + ttl
     claims["jti"] = jti
+    if client_id is not None:
+        claims["client_id"] = client_id
+    if scope:
+        claims[SCOPE] = " ".join(scope)
     return claims
 
 
@@ -558,6 +577,69 @@ def requested_ttl(value, longest):
     return value
 
 
+_BAD_PERCENT = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+
+
+def form_decode(data):
+    """One name or value of an application/x-www-form-urlencoded body (the
+    URL Standard's, which RFC 6749 Appendix B names): "+" is a space, %XX a
+    byte, and the bytes are UTF-8. ValueError for a stray "%" or bad UTF-8."""
+    if _BAD_PERCENT.search(data):
+        raise ValueError("has a % that is not followed by two hex digits")
+    try:
+        return urllib.parse.unquote_to_bytes(data.replace(b"+", b" ")).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("is not UTF-8 once decoded") from None
+
+
+def parse_form(body):
+    """{name: [values]} of a form body, strictly: a parameter without a value
+    is omitted (RFC 6749 §3.2), and one given twice is a 400 unless it may repeat."""
+    parameters = {}
+    for pair in body.split(b"&"):
+        name, _, value = pair.partition(b"=")
+        try:
+            name, value = form_decode(name), form_decode(value)
+        except ValueError as error:
+            raise HTTPError(400, "invalid_request", "the form body " + str(error)) from None
+        if value:
+            parameters.setdefault(name, []).append(value)
+    for name, values in parameters.items():
+        if len(values) > 1 and name not in REPEATABLE_PARAMETERS:
+            raise HTTPError(400, "invalid_request", "parameter '%s' is given more than once"
+                            % _cut(name))
+    return parameters
+
+
+_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")  # RFC 6749 §3.3
+
+
+def parse_scope(text):
+    """The scope tokens of TEXT (RFC 6749 §3.3: one space between each), in
+    order, each once; ValueError if it is not one."""
+    tokens = text.split(" ")
+    if not all(_SCOPE_TOKEN.fullmatch(token) for token in tokens):
+        raise ValueError("must be scope tokens (printable ASCII, no quote or backslash) "
+                         "with one space between each")
+    return tuple(dict.fromkeys(tokens))
+
+
+def granted_scope(requested, ceiling):
+    """RFC 6749 §3.3: the scope a client is granted, REQUESTED (a string or
+    None) within its CEILING (tokens); the whole ceiling when none is asked."""
+    if requested is None:
+        return ceiling
+    try:
+        tokens = parse_scope(requested)
+    except ValueError as error:
+        raise HTTPError(400, "invalid_scope", "scope " + str(error)) from None
+    refused = [token for token in tokens if token not in ceiling]
+    if refused:
+        raise HTTPError(400, "invalid_scope", "scope '%s' is not one this client may have%s" % (
+            _cut(refused[0]), "" if ceiling else " (it has none: see --claims)"))
+    return tokens
+
+
 class _Members(list):
     """A JSON object as its (name, value) pairs, duplicates kept, so that one
     can be reported with where it is."""
@@ -625,6 +707,12 @@ class Claims(NamedTuple):
     everyone: dict  # name -> the member of a "*" claim
     everyone_text: bytes  # all of them, joined
     names: tuple  # every claim name the file sets, sorted
+    scopes: dict  # subject or "*" -> its "scope", as tokens: the ceiling of what it is granted
+    scope_names: tuple  # every scope token the file names, sorted
+
+    def scope(self, sub):
+        """SUB's scope ceiling: its own, else everyone's, else none."""
+        return self.scopes.get(sub) or self.scopes.get(EVERYONE, ())
 
     def members(self, sub):
         """The JSON members of SUB's claims: "*" first, then its own over them."""
@@ -637,7 +725,7 @@ class Claims(NamedTuple):
         return own or self.everyone_text
 
 
-NO_CLAIMS = Claims({}, {}, b"", ())
+NO_CLAIMS = Claims({}, {}, b"", (), {}, ())
 
 
 def _claims_number(text):
@@ -661,7 +749,7 @@ def parse_claims_file(data):
         raise ValueError("must be a JSON object of subjects and their claims, not %s"
                          % _kind(document))
     document = _checked(document, "the file")
-    texts = {}
+    texts, scopes = {}, {}
     for subject, claims in document.items():
         who = "subject %s" % _shown(subject)
         problem = subject != EVERYONE and subject_problem(subject)
@@ -677,6 +765,15 @@ def parse_claims_file(data):
             if _folds(name) & set(ISSUER_CLAIMS):  # "EXP", "ſub", "ıat": verifiers fold case
                 raise ValueError("%s: claim %s is the issuer's own (in any case); it cannot "
                                  "be set here" % (who, _shown(name)))
+            if SCOPE in _folds(name):
+                if name != SCOPE:
+                    raise ValueError("%s: claim %s: a scope is spelled %s" % (
+                        who, _shown(name), _shown(SCOPE)))
+                try:
+                    scopes[subject] = parse_scope(value if isinstance(value, str) else "")
+                except ValueError as error:
+                    raise ValueError("%s: claim %s %s (RFC 6749 §3.3)"
+                                     % (who, _shown(name), error)) from None
             try:
                 texts[subject][name] = _member_text(name, value)
             except UnicodeEncodeError:  # "\ud800" is valid JSON but no Unicode text
@@ -702,16 +799,22 @@ def parse_claims_file(data):
         if size > MAX_SUBJECT_CLAIMS_BYTES:
             raise ValueError("subject %s: its claims (with the \"*\" ones) are %d bytes as JSON, "
                              "over %d" % (_shown(subject), size, MAX_SUBJECT_CLAIMS_BYTES))
-        per_subject[subject] = (b",".join(own.values()), overridden)
+        per_subject[subject] = (b",".join(text for name, text in own.items() if name != SCOPE),
+                                overridden - {SCOPE})
+    everyone.pop(SCOPE, None)  # a token's scope is the issuer's to write: what was granted
     names = sorted({name for claims in document.values() for name in claims})
-    return Claims(per_subject, everyone, b",".join(everyone.values()), tuple(names))
+    scope_names = sorted({token for tokens in scopes.values() for token in tokens})
+    return Claims(per_subject, everyone, b",".join(everyone.values()), tuple(names), scopes,
+                  tuple(scope_names))
 
 
-def discovery_document(issuer, claims_supported):
-    """OpenID Connect Discovery 1.0 §3, enough for Vault's oidc_discovery_url.
-    "issuer" is exactly as configured: Vault compares it byte for byte."""
+def discovery_document(issuer, claims_supported, auth_methods, scopes_supported=()):
+    """OpenID Connect Discovery 1.0 §3, enough for Vault's oidc_discovery_url,
+    and OAuth 2.0 Authorization Server Metadata (RFC 8414 §2) in one: the
+    client credentials grant and how clients authenticate for it. "issuer"
+    is exactly as configured: Vault compares it byte for byte."""
     base = issuer.rstrip("/")
-    return {
+    document = {
         "issuer": issuer,
         "jwks_uri": base + "/auth/jwks",
         "token_endpoint": base + "/auth/token",
@@ -719,7 +822,12 @@ def discovery_document(issuer, claims_supported):
         "response_types_supported": ["id_token"],
         "subject_types_supported": ["public"],
         "claims_supported": list(claims_supported),
+        "grant_types_supported": [CLIENT_CREDENTIALS],
+        "token_endpoint_auth_methods_supported": list(auth_methods),
     }
+    if scopes_supported:
+        document["scopes_supported"] = list(scopes_supported)
+    return document
 
 
 # ---------------------------------------------------------------- the pure core: passwords
@@ -1523,10 +1631,25 @@ class Issuer:
 
     @classmethod
     def build(cls, config, keys, claims=NO_CLAIMS, users=None, tls_context=None):
-        own = ("iss", "sub") + ("aud",) * bool(config.audience) + ("iat", "nbf", "exp", "jti")
-        discovery = discovery_document(config.issuer, own + claims.names)
+        own = ("iss", "sub") + ("aud",) * bool(config.audience) + (
+            "iat", "nbf", "exp", "jti", "client_id") + (SCOPE,) * bool(claims.scope_names)
+        discovery = discovery_document(
+            config.issuer, dict.fromkeys(own + claims.names), client_auth_methods(config),
+            claims.scope_names)
         return cls(config, keys, claims, users, tls_context, json_bytes(discovery),
                    _hosts_served(config))
+
+
+def client_auth_methods(config):
+    """How an OAuth 2.0 client authenticates here (RFC 8414 §2, RFC 8705 §2):
+    by a secret of the auth file, else by its certificate, else not at all
+    (the open mode, where client_id alone names it). With both files, the
+    certificate is asked for as well, by the TLS handshake."""
+    if config.auth_file is not None:
+        return ("client_secret_basic", "client_secret_post")
+    if config.tls_client_ca is not None:
+        return ("tls_client_auth",)
+    return ("none",)
 
 
 def _counted(count, noun):
@@ -1763,30 +1886,36 @@ def _media_type(value):
     return value.partition(";")[0].strip().lower()
 
 
+def _charset(value):
+    for parameter in value.split(";")[1:]:
+        name, _, setting = parameter.partition("=")
+        if name.strip().lower() == "charset":
+            return setting.strip().strip('"').lower()
+    return None
+
+
 def issue_token(request):
+    """POST /auth/token: the JSON form {"name": ...}, or an OAuth 2.0 client
+    credentials grant, by its Content-Type."""
     head = request.head
+    content_type = head.fields.get("content-type")
+    if content_type is not None and _media_type(content_type) == FORM_TYPE:
+        return client_credentials_grant(request, content_type)
     authenticated = authenticate(request)  # None when the endpoint is open
     if authenticated is None and "content-length" not in head.fields:
         raise HTTPError(411, "invalid_request", "Content-Length is required")
-    issuer, service = request.issuer, request.service
-    config, keys = issuer.config, issuer.keys
+    config = request.issuer.config
     name, audience, ttl = None, config.audience, config.ttl
     if request.body or authenticated is None:
-        content_type = head.fields.get("content-type")
         if content_type is not None and _media_type(content_type) != JSON_TYPE:
-            raise HTTPError(415, "invalid_request", "Content-Type must be application/json")
+            raise HTTPError(415, "invalid_request", "Content-Type must be application/json, "
+                                                    "or %s for an OAuth 2.0 client" % FORM_TYPE)
         name, audience, ttl = token_body(request.body, audience=audience, ttl=ttl,
                                          name_required=authenticated is None)
     if authenticated is not None and name is not None and name != authenticated:
         raise HTTPError(403, "access_denied", "name must be the authenticated user's")
     sub = authenticated or name
-    # RFC 7519 §4.1.7: a jti with a "negligible probability" of a repeat: 96 random bits
-    claims = make_claims(sub, issuer=config.issuer, audience=audience, ttl=ttl,
-                         now=int(time.time()), jti=b64url_encode(os.urandom(12)))
-    token = keys.sign(claims, issuer.claims.members(sub))
-    service.metrics.token_issued()
-    log_line(logging.INFO, "issued sub=%s kid=%s jti=%s exp=%d", _quoted(sub), keys.kid,
-             claims["jti"], claims["exp"], held=True)
+    token = mint(request, sub, audience, ttl, request.issuer.claims.scope(sub))
     if any(_media_type(accepted) == JSON_TYPE
            for accepted in head.fields.get("accept", "").split(",")):
         body = {"access_token": token, "token_type": "Bearer", "expires_in": ttl}
@@ -1794,11 +1923,110 @@ def issue_token(request):
     return 200, "text/plain", token.encode("ascii"), NO_STORE
 
 
+def client_credentials_grant(request, content_type):
+    """RFC 6749 §4.4: a token for the client itself, answered as §5.1 says."""
+    if _charset(content_type) not in (None, "utf-8"):
+        raise HTTPError(415, "invalid_request", "a form must be UTF-8")
+    if "content-length" not in request.head.fields:
+        raise HTTPError(411, "invalid_request", "Content-Length is required")
+    form = parse_form(request.body)
+    grant_type = form.get("grant_type", [None])[0]
+    if grant_type is None:
+        raise HTTPError(400, "invalid_request", "grant_type is required")
+    if grant_type != CLIENT_CREDENTIALS:
+        raise HTTPError(400, "unsupported_grant_type", "this issuer grants %s only, not '%s'"
+                        % (CLIENT_CREDENTIALS, _cut(grant_type)))
+    if "audience" in form and "resource" in form:
+        raise HTTPError(400, "invalid_request", "give audience or resource, not both")
+    config = request.issuer.config
+    audience = requested_audience(form.get("audience") or form.get("resource"), config.audience)
+    client = authenticate_client(request, form)
+    scope = granted_scope(form.get(SCOPE, [None])[0], request.issuer.claims.scope(client))
+    token = mint(request, client, audience, config.ttl, scope, client_id=client)
+    body = {"access_token": token, "token_type": "Bearer", "expires_in": config.ttl}
+    if scope:
+        body[SCOPE] = " ".join(scope)
+    return 200, JSON_TYPE, json_bytes(body), NO_STORE
+
+
+def authenticate_client(request, form):
+    """The OAuth 2.0 client of a form request (RFC 6749 §2.3), by one method:
+    HTTP Basic or client_id and client_secret in the form, checked against the
+    auth file; else its certificate (RFC 8705 §2); else, in the open mode,
+    client_id alone. With both files, the certificate is needed as well."""
+    issuer = request.issuer
+    authorization = request.head.fields.get("authorization")
+    client_id, secret = (form.get(name, [None])[0] for name in ("client_id", "client_secret"))
+    if authorization is not None and secret is not None:
+        raise HTTPError(400, "invalid_request", "a client authenticates one way, not by both "
+                                                "the Authorization header and client_secret")
+    by_certificate = issuer.config.tls_client_ca is not None
+    if by_certificate:
+        named = certificate_subject(request.connection)
+        if named is None:
+            raise HTTPError(401, "invalid_client", "a client certificate is required")
+    if issuer.users is None:
+        if authorization is not None or secret is not None:
+            raise HTTPError(400, "invalid_request", "this issuer checks no client secret (it "
+                                                    "has no --auth-file): " + (
+                "the certificate names the client" if by_certificate
+                else "client_id alone names the client"))
+        if by_certificate:
+            if client_id is not None and client_id != named:
+                raise HTTPError(401, "invalid_client", "client_id is not the certificate's name")
+            return named
+        if client_id is None:
+            raise HTTPError(400, "invalid_request", "client_id is required")
+        problem = subject_problem(client_id)
+        if problem:
+            raise HTTPError(400, "invalid_request", "client_id " + problem)
+        return client_id
+    if authorization is not None:
+        credentials, failure = basic_credentials(authorization), "no Basic credentials"
+        try:  # RFC 6749 §2.3.1: the client's id and secret are form-encoded first
+            credentials = credentials and tuple(form_decode(part.encode("utf-8"))
+                                                for part in credentials)
+        except ValueError:
+            credentials, failure = None, "Basic credentials not form-encoded"
+        if credentials and client_id is not None and client_id != credentials[0]:
+            raise HTTPError(400, "invalid_request", "client_id is not the client of the "
+                                                    "Authorization header")
+    elif secret is not None:
+        if client_id is None:
+            raise HTTPError(400, "invalid_request", "client_secret needs a client_id")
+        credentials = (client_id, secret)
+    else:
+        credentials, failure = None, "no credentials"
+    if credentials is not None:
+        failure = check_password(request.service.limiter, issuer.users,
+                                 client_key(request.client), *credentials, now=time.monotonic())
+    if failure is not None:
+        log.info("authentication failed from %s: %s", request.client, failure)
+        raise HTTPError(401, "invalid_client", "missing or wrong client credentials",
+                        headers=[CHALLENGE])
+    return credentials[0]
+
+
+def mint(request, sub, audience, ttl, scope, client_id=None):
+    """A token for SUB, counted and written to the audit log (by its jti, never itself)."""
+    issuer = request.issuer
+    config, keys = issuer.config, issuer.keys
+    # RFC 7519 §4.1.7: a jti with a "negligible probability" of a repeat: 96 random bits
+    claims = make_claims(sub, issuer=config.issuer, audience=audience, ttl=ttl,
+                         now=int(time.time()), jti=b64url_encode(os.urandom(12)),
+                         client_id=client_id, scope=scope)
+    token = keys.sign(claims, issuer.claims.members(sub), access_token=client_id is not None)
+    request.service.metrics.token_issued()
+    log_line(logging.INFO, "issued sub=%s kid=%s jti=%s exp=%d", _quoted(sub), keys.kid,
+             claims["jti"], claims["exp"], held=True)
+    return token
+
+
 def jwks(request):
     return 200, JSON_TYPE, request.issuer.keys.jwks_body, REVALIDATE
 
 
-def openid_configuration(request):
+def metadata(request):
     return 200, JSON_TYPE, request.issuer.discovery_body, REVALIDATE
 
 
@@ -1816,7 +2044,8 @@ ROUTES = {
     ("POST", "/auth/token"): issue_token,
     ("GET", "/auth/jwks"): jwks,
     ("GET", "/.well-known/jwks.json"): jwks,
-    ("GET", "/.well-known/openid-configuration"): openid_configuration,
+    ("GET", "/.well-known/openid-configuration"): metadata,
+    ("GET", "/.well-known/oauth-authorization-server"): metadata,  # RFC 8414 §3
     ("GET", "/healthz"): healthz,
     ("GET", "/metrics"): metrics,
 }

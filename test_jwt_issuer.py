@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import queue
+import random
 import re
 import resource
 import select
@@ -52,11 +53,14 @@ import threading
 import time
 import unicodedata
 import unittest
+import urllib.parse
 import warnings
 from dataclasses import replace
 
 import jwt  # PyJWT, the seed's verifier
 import requests  # the seed's snippet fetches the JWKS with it
+from authlib.integrations.requests_client import OAuth2Session as AuthlibSession
+from authlib.integrations.requests_client import OAuthError
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -67,7 +71,9 @@ from hypothesis import strategies as st
 from joserfc import jwt as joserfc_jwt
 from joserfc.jwk import ECKey as JoseECKey
 from joserfc.jwk import KeySet as JoseKeySet
+from oauthlib.oauth2 import BackendApplicationClient
 from prometheus_client.parser import text_string_to_metric_families
+from requests_oauthlib import OAuth2Session
 
 import jwt_issuer
 from jwt_issuer import (
@@ -2116,7 +2122,11 @@ class ServerTest(unittest.TestCase):
             "token_endpoint": base + "/auth/token",
             "id_token_signing_alg_values_supported": ["ES256"],
             "response_types_supported": ["id_token"], "subject_types_supported": ["public"],
-            "claims_supported": ["iss", "sub", "iat", "nbf", "exp", "jti"]})
+            "claims_supported": ["iss", "sub", "iat", "nbf", "exp", "jti", "client_id"],
+            "grant_types_supported": ["client_credentials"],
+            "token_endpoint_auth_methods_supported": ["none"]})
+        status, _, same = request(self.server, "GET", "/.well-known/oauth-authorization-server")
+        self.assertEqual((status, same), (200, body))
 
     def test_healthz(self):
         status, headers, body = request(self.server, "GET", "/healthz")
@@ -2196,12 +2206,17 @@ class ServerTest(unittest.TestCase):
             connection.close()
 
     def test_unsupported_content_type_is_415(self):
-        for content_type in ("text/plain", "application/x-www-form-urlencoded",
-                             "application/jsonx", "multipart/form-data; boundary=x", ""):
+        for content_type in ("text/plain", "application/jsonx",
+                             "multipart/form-data; boundary=x", ""):
             with self.subTest(content_type=content_type):
                 self.assert_error(request(self.server, "POST", "/auth/token", SEED_CURL_BODY,
                                           {"Content-Type": content_type}),
-                                  415, "invalid_request", "Content-Type must be application/json")
+                                  415, "invalid_request", "Content-Type must be application/json, "
+                                  "or application/x-www-form-urlencoded for an OAuth 2.0 client")
+        # the seed's body sent as a form is a client credentials request without a grant
+        self.assert_error(request(self.server, "POST", "/auth/token", SEED_CURL_BODY,
+                                  {"Content-Type": "application/x-www-form-urlencoded"}),
+                          400, "invalid_request", "grant_type is required")
 
     def test_missing_length_is_411(self):
         connection = http.client.HTTPConnection(*self.server.server_address[:2], timeout=10)
@@ -2460,7 +2475,7 @@ HOSTILE_REQUESTS = [
     ("two Content-Lengths", post(BODY, extra=b"Content-Length: 20\r\n") + FOLLOW_UP, [400]),
     ("Content-Length beyond the body", post(BODY, length=b"40"), [400]),
     ("text/plain", post(BODY, "text/plain") + FOLLOW_UP, [415, 200]),
-    ("form encoded", post(BODY, "application/x-www-form-urlencoded"), [415]),
+    ("form encoded", post(BODY, "application/x-www-form-urlencoded"), [400]),
     ("json-patch", post(BODY, "application/json-patch+json"), [415]),
     ("chunked", post(b"13\r\n" + BODY + b"\r\n0\r\n\r\n", length=False,
                      extra=b"Transfer-Encoding: chunked\r\n") + FOLLOW_UP, [411]),
@@ -3692,7 +3707,7 @@ class ClaimsServerTest(TempDirTestCase):
                                  claims)
         status, _, body = request(server, "GET", "/.well-known/openid-configuration")
         self.assertEqual(json.loads(body)["claims_supported"],
-                         ["iss", "sub", "aud", "iat", "nbf", "exp", "jti",
+                         ["iss", "sub", "aud", "iat", "nbf", "exp", "jti", "client_id",
                           "env", "extra", "groups", "team"])
 
     def test_the_audience_and_lifetime_a_request_asks_for(self):
@@ -3833,6 +3848,496 @@ class ClaimsProcessTest(TempDirTestCase):
 
 
 # ---------------------------------------------------------------- connections
+
+# ---------------------------------------------------------------- OAuth 2.0 client credentials
+
+FORM_HEADERS = {"Content-Type": "application/x-www-form-urlencoded"}
+CLIENT_CLAIMS = {"*": {"env": "dev"},
+                 "alice": {"groups": ["ops"], "scope": "kv.read kv.write"},
+                 "ci bot+1": {"team": "ci", "scope": "kv.read"}}
+SECRETS = {"alice": "alice's secret", "bob": "bob's secret", "ci bot+1": "p%41ss+w/rd&=1"}
+
+
+def form_encode(text):
+    """RFC 6749 §2.3.1 / Appendix B: as a form encodes a name or value."""
+    return urllib.parse.quote_plus(text, safe="")
+
+
+def basic_client(client_id, secret, encode=True):
+    """HTTP Basic for an OAuth 2.0 client: its id and secret form-encoded first."""
+    if encode:
+        client_id, secret = form_encode(client_id), form_encode(secret)
+    return basic(client_id, secret)
+
+
+def access_claims(token, jwks, **expected):
+    """TOKEN checked by both verifiers as an RFC 9068 access token: its claims."""
+    claims = verify_with_pyjwt(token, jwks, options={"verify_aud": False})
+    header, same = verify_with_joserfc(token, jwks, **expected)
+    assert (jwt.get_unverified_header(token)["typ"], header["typ"]) == ("at+jwt", "at+jwt"), header
+    assert same == claims
+    return claims
+
+
+class FormTest(unittest.TestCase):
+    def test_form_decoding_is_strict(self):
+        self.assertEqual(jwt_issuer.parse_form(
+            b"grant_type=client_credentials&scope=a+b%20c&client_id=%C3%A9l%C3%A8ve&empty="
+            b"&&resource=x&resource=y"),
+            {"grant_type": ["client_credentials"], "scope": ["a b c"], "client_id": ["élève"],
+             "resource": ["x", "y"]})
+        for body, description in (
+                (b"scope=a&scope=b", "parameter 'scope' is given more than once"),
+                (b"sc%6Fpe=a&scope=b", "parameter 'scope' is given more than once"),
+                (b"grant_type=%zz", "the form body has a % that is not followed by two hex "
+                                    "digits"),
+                (b"grant_type=%4", "the form body has a % that is not followed by two hex digits"),
+                (b"client_id=%C3%28", "the form body is not UTF-8 once decoded"),
+                (b"client_id=\xff", "the form body is not UTF-8 once decoded")):
+            with self.subTest(body=body), self.assertRaises(HTTPError) as caught:
+                jwt_issuer.parse_form(body)
+            self.assertEqual((caught.exception.status, caught.exception.error,
+                              caught.exception.description), (400, "invalid_request", description))
+
+    def test_a_parameter_without_a_value_is_omitted(self):
+        # RFC 6749 §3.2: so "scope=" asks for no scope, and "scope=&scope=a" is one scope
+        self.assertEqual(jwt_issuer.parse_form(b"scope=&scope=a&client_id"), {"scope": ["a"]})
+
+    def test_scope(self):
+        self.assertEqual(jwt_issuer.parse_scope("b a b"), ("b", "a"))
+        for bad in ("", " a", "a ", "a  b", 'a"', "a\\b", "a\tb", "é"):
+            with self.subTest(bad=bad), self.assertRaises(ValueError):
+                jwt_issuer.parse_scope(bad)
+        ceiling = ("kv.read", "kv.write")
+        self.assertEqual(jwt_issuer.granted_scope(None, ceiling), ceiling)
+        self.assertEqual(jwt_issuer.granted_scope("kv.write", ceiling), ("kv.write",))
+        self.assertEqual(jwt_issuer.granted_scope(None, ()), ())
+        for requested, ceiling, description in (
+                ("kv.admin", ceiling, "scope 'kv.admin' is not one this client may have"),
+                ("kv.read", (), "scope 'kv.read' is not one this client may have (it has "
+                                "none: see --claims)"),
+                ("kv.read  kv.write", ceiling, "scope must be scope tokens (printable ASCII, no "
+                                               "quote or backslash) with one space between each")):
+            with self.subTest(requested=requested), self.assertRaises(HTTPError) as caught:
+                jwt_issuer.granted_scope(requested, ceiling)
+            self.assertEqual((caught.exception.status, caught.exception.error,
+                              caught.exception.description), (400, "invalid_scope", description))
+
+    def test_the_claims_file_scope_is_a_ceiling_not_a_member(self):
+        claims = parse_claims_file(json_bytes({"*": {"scope": "kv.read", "env": "dev"},
+                                               "alice": {"scope": "kv.read kv.write"},
+                                               "bob": {"team": "x"}}))
+        self.assertEqual((claims.scope("alice"), claims.scope("bob"), claims.scope("carol")),
+                         (("kv.read", "kv.write"), ("kv.read",), ("kv.read",)))
+        self.assertEqual((claims_of(claims, "alice"), claims_of(claims, "bob")),
+                         ({"env": "dev"}, {"env": "dev", "team": "x"}))
+        self.assertEqual(claims.scope_names, ("kv.read", "kv.write"))
+        self.assertIn("scope", claims.names)
+        for content, message in (
+                ({"alice": {"scope": ["kv.read"]}}, 'subject "alice": claim "scope" must be scope '
+                 "tokens (printable ASCII, no quote or backslash) with one space between each "
+                 "(RFC 6749 §3.3)"),
+                ({"alice": {"scope": "a  b"}}, 'subject "alice": claim "scope" must be scope '
+                 "tokens (printable ASCII, no quote or backslash) with one space between each "
+                 "(RFC 6749 §3.3)"),
+                ({"*": {"Scope": "admin"}}, 'subject "*": claim "Scope": a scope is spelled '
+                 '"scope"')):
+            with self.subTest(content=content), self.assertRaises(ValueError) as caught:
+                parse_claims_file(json_bytes(content))
+            self.assertEqual(str(caught.exception), message)
+
+
+class ClientCredentialsTest(TempDirTestCase):
+    """The grant on an in-process server with an auth file, claims and two audiences."""
+
+    def setUp(self):
+        super().setUp()
+        users = self.write("users", "".join(hash_file_line(client, secret) + "\n"
+                                            for client, secret in SECRETS.items()))
+        self.server = self.enter(serving(auth_file=users, audience=("vault", "openbao"),
+                                         claims_file=self.write("claims.json", CLIENT_CLAIMS)))
+        self.jwks = jwks_of(self.server)
+
+    def enter(self, context):
+        entered = context.__enter__()
+        self.addCleanup(context.__exit__, None, None, None)
+        return entered
+
+    def grant(self, form, authorization=None, headers=None, server=None):
+        """POST the form (a dict, or bytes as they are): (status, headers, JSON body)."""
+        body = form if isinstance(form, bytes) else urllib.parse.urlencode(form).encode()
+        headers = dict(FORM_HEADERS, **(headers or {}))
+        if authorization is not None:
+            headers["Authorization"] = authorization
+        status, answer_headers, answer = request(server or self.server, "POST", "/auth/token",
+                                                 body, headers)
+        return status, answer_headers, json.loads(answer)
+
+    def assert_error(self, answer, status, error, description=None, challenge=False):
+        got_status, headers, body = answer
+        self.assertEqual((got_status, body["error"]), (status, error), body)
+        if description is not None:
+            self.assertEqual(body["error_description"], description)
+        self.assertEqual(headers["Content-Type"], "application/json")
+        self.assertEqual(headers["Cache-Control"], "no-store")
+        self.assertEqual(headers.get("WWW-Authenticate"),
+                         'Basic realm="jwt-issuer", charset="UTF-8"' if challenge else None)
+
+    def test_client_secret_basic(self):
+        status, headers, body = self.grant({"grant_type": "client_credentials"},
+                                           basic_client("alice", SECRETS["alice"]))
+        self.assertEqual(status, 200, body)
+        self.assertEqual((headers["Content-Type"], headers["Cache-Control"], headers["Pragma"]),
+                         ("application/json", "no-store", "no-cache"))
+        self.assertEqual(sorted(body), ["access_token", "expires_in", "scope", "token_type"])
+        self.assertEqual((body["token_type"], body["expires_in"], body["scope"]),
+                         ("Bearer", 3600, "kv.read kv.write"))
+        claims = access_claims(body["access_token"], self.jwks, sub="alice", client_id="alice")
+        self.assertEqual(list(claims), ["iss", "sub", "aud", "iat", "nbf", "exp", "jti",
+                                        "client_id", "scope", "env", "groups"])
+        self.assertEqual((claims["aud"], claims["scope"], claims["exp"] - claims["iat"],
+                          claims["env"], claims["groups"]),
+                         (["vault", "openbao"], "kv.read kv.write", 3600, "dev", ["ops"]))
+
+    def test_client_secret_post_and_a_client_without_a_scope(self):
+        status, _, body = self.grant({"grant_type": "client_credentials", "client_id": "bob",
+                                      "client_secret": SECRETS["bob"]})
+        self.assertEqual(status, 200, body)
+        self.assertNotIn("scope", body)
+        claims = access_claims(body["access_token"], self.jwks, sub="bob", client_id="bob")
+        self.assertNotIn("scope", claims)
+
+    def test_id_and_secret_are_form_encoded_in_basic(self):
+        # RFC 6749 §2.3.1: "ci bot+1" and "p%41ss+w/rd&=1" travel as
+        # "ci+bot%2B1" and "p%2541ss%2Bw%2Frd%26%3D1"
+        status, _, body = self.grant({"grant_type": "client_credentials"},
+                                     basic_client("ci bot+1", SECRETS["ci bot+1"]))
+        self.assertEqual(status, 200, body)
+        self.assertEqual(access_claims(body["access_token"], self.jwks)["sub"], "ci bot+1")
+        self.assert_error(self.grant({"grant_type": "client_credentials"}, basic_client(
+            "ci bot+1", SECRETS["ci bot+1"], encode=False)), 401, "invalid_client",
+            challenge=True)
+        self.assert_error(self.grant({"grant_type": "client_credentials"}, basic(
+            "alice", "%zz")), 401, "invalid_client", challenge=True)
+
+    def test_scope_within_the_ceiling(self):
+        for scope, granted in (("kv.read", "kv.read"), ("kv.write kv.read", "kv.write kv.read"),
+                               ("kv.read kv.read", "kv.read"), ("", "kv.read kv.write")):
+            with self.subTest(scope=scope):
+                status, _, body = self.grant({"grant_type": "client_credentials", "scope": scope},
+                                             basic_client("alice", SECRETS["alice"]))
+                self.assertEqual((status, body["scope"]), (200, granted), body)
+                self.assertEqual(access_claims(body["access_token"], self.jwks)["scope"],
+                                 granted)
+        for client, scope, description in (
+                ("alice", "kv.admin", "scope 'kv.admin' is not one this client may have"),
+                ("alice", "kv.read  kv.write", "scope must be scope tokens (printable ASCII, no "
+                                               "quote or backslash) with one space between each"),
+                ("bob", "kv.read", "scope 'kv.read' is not one this client may have (it has none:"
+                                   " see --claims)")):
+            with self.subTest(client=client, scope=scope):
+                self.assert_error(self.grant({"grant_type": "client_credentials", "scope": scope},
+                                             basic_client(client, SECRETS[client])),
+                                  400, "invalid_scope", description)
+
+    def test_audience_or_resource(self):
+        alice = basic_client("alice", SECRETS["alice"])
+        for form, aud in (({"audience": "openbao"}, "openbao"), ({"resource": "vault"}, "vault"),
+                          ([("resource", "openbao"), ("resource", "vault")], ["openbao", "vault"]),
+                          ([("audience", "vault"), ("audience", "vault")], "vault")):
+            with self.subTest(form=form):
+                pairs = [("grant_type", "client_credentials")] + list(
+                    form.items() if isinstance(form, dict) else form)
+                status, _, body = self.grant(pairs, alice)
+                self.assertEqual(status, 200, body)
+                self.assertEqual(access_claims(body["access_token"], self.jwks)["aud"], aud)
+        self.assert_error(self.grant({"grant_type": "client_credentials", "resource": "elsewhere"},
+                                     alice), 400, "invalid_target")
+        self.assert_error(self.grant({"grant_type": "client_credentials", "resource": "vault",
+                                      "audience": "vault"}, alice),
+                          400, "invalid_request", "give audience or resource, not both")
+
+    def test_grant_types(self):
+        alice = basic_client("alice", SECRETS["alice"])
+        for grant_type in ("authorization_code", "password", "refresh_token",
+                           "urn:ietf:params:oauth:grant-type:jwt-bearer", "CLIENT_CREDENTIALS"):
+            with self.subTest(grant_type=grant_type):
+                self.assert_error(self.grant({"grant_type": grant_type}, alice),
+                                  400, "unsupported_grant_type")
+        self.assert_error(self.grant({"client_id": "alice"}, alice), 400, "invalid_request",
+                          "grant_type is required")
+
+    def test_malformed_forms_are_400(self):
+        alice = basic_client("alice", SECRETS["alice"])
+        for body in (b"grant_type=client_credentials&grant_type=client_credentials",
+                     b"grant_type=client_credentials&scope=%E2%82",
+                     b"grant_type=client_credentials%", b"grant_type=client_credentials&x=%"):
+            with self.subTest(body=body):
+                self.assert_error(self.grant(body, alice), 400, "invalid_request")
+        self.assert_error(self.grant(b"grant_type=client_credentials", alice, {
+            "Content-Type": "application/x-www-form-urlencoded; charset=ISO-8859-1"}),
+            415, "invalid_request", "a form must be UTF-8")
+        status, _, body = self.grant(b"grant_type=client_credentials", alice, {
+            "Content-Type": "Application/X-WWW-Form-Urlencoded; Charset=\"UTF-8\""})
+        self.assertEqual(status, 200, body)
+
+    def test_client_authentication_failures(self):
+        alice = basic_client("alice", SECRETS["alice"])
+        grant = {"grant_type": "client_credentials"}
+        for answer, status, error, description, challenge in (
+                (self.grant(grant), 401, "invalid_client", "missing or wrong client credentials",
+                 True),
+                (self.grant(grant, basic_client("alice", "guess")), 401, "invalid_client",
+                 "missing or wrong client credentials", True),
+                (self.grant(grant, basic_client("mallory", "guess")), 401, "invalid_client",
+                 "missing or wrong client credentials", True),
+                (self.grant(dict(grant, client_id="alice", client_secret="guess")), 401,
+                 "invalid_client", "missing or wrong client credentials", True),
+                (self.grant(dict(grant, client_id="alice")), 401, "invalid_client",
+                 "missing or wrong client credentials", True),
+                (self.grant(grant, "Bearer abc"), 401, "invalid_client",
+                 "missing or wrong client credentials", True),
+                (self.grant(dict(grant, client_secret=SECRETS["alice"]), alice), 400,
+                 "invalid_request", "a client authenticates one way, not by both the "
+                 "Authorization header and client_secret", False),
+                (self.grant(dict(grant, client_id="bob"), alice), 400, "invalid_request",
+                 "client_id is not the client of the Authorization header", False),
+                (self.grant(dict(grant, client_secret=SECRETS["alice"])), 400, "invalid_request",
+                 "client_secret needs a client_id", False)):
+            with self.subTest(description=description, status=status):
+                self.assert_error(answer, status, error, description, challenge)
+        # client_id beside Basic, the same client: as many clients send it
+        status, _, body = self.grant(dict(grant, client_id="alice"), alice)
+        self.assertEqual(status, 200, body)
+
+    def test_the_same_limiter_and_audit_line_as_the_json_form(self):
+        grant = {"grant_type": "client_credentials"}
+        with self.assertLogs("jwt_issuer", "INFO") as logs:
+            statuses = [self.grant(grant, basic_client("alice", "guess %d" % n))[0]
+                        for n in range(jwt_issuer.GUESSES_PER_USER[0] + 1)]
+            status, headers, body = self.grant(dict(grant, client_id="alice",
+                                                    client_secret=SECRETS["alice"]))
+            self.assertEqual((status, body["error"], int(headers["Retry-After"]) > 0),
+                             (429, "slow_down", True))
+            ok = self.grant(grant, basic_client("bob", SECRETS["bob"]))
+        self.assertEqual(statuses, [401] * jwt_issuer.GUESSES_PER_USER[0] + [429])
+        self.assertEqual(ok[0], 200)
+        jti = access_claims(ok[2]["access_token"], self.jwks)["jti"]
+        lines = [record.getMessage() for record in logs.records]
+        self.assertIn("authentication failed from 127.0.0.1: wrong password for \"alice\"", lines)
+        (issued,) = [line for line in lines if line.startswith("issued ")]
+        self.assertRegex(issued, r'^issued sub="bob" kid=\S+ jti=%s exp=\d+$' % jti)
+        self.assertNotIn(ok[2]["access_token"], "\n".join(lines))
+        self.assertFalse([line for line in lines if SECRETS["alice"] in line or "guess" in line])
+
+    def test_an_unknown_client_costs_as_much_as_a_wrong_secret(self):
+        server = self.enter(serving(auth_file=self.write("slow", hash_file_line(
+            "slow", "slow secret", settings="ln=16,r=8,p=1") + "\n")))
+        grant = {"grant_type": "client_credentials"}
+
+        def timed(client):  # in CPU time, which the machine's load does not stretch
+            started = time.process_time()
+            status = self.grant(dict(grant, client_id=client, client_secret="guess"),
+                                server=server)[0]
+            return status, time.process_time() - started
+        timed("nobody")  # warm-up: the first 64 MiB
+        unknown, wrong = [], []
+        for _ in range(3):  # interleaved: a drift in load hits both alike
+            for times, client in ((unknown, "nobody"), (wrong, "slow")):
+                status, seconds = timed(client)
+                self.assertEqual(status, 401)
+                times.append(seconds)
+        unknown, wrong = statistics.median(unknown), statistics.median(wrong)
+        self.assertLess(max(unknown / wrong, wrong / unknown), 1.5, (unknown, wrong))
+
+    def test_discovery_and_authorization_server_metadata(self):
+        for path in ("/.well-known/openid-configuration", "/.well-known/oauth-authorization-server"):
+            with self.subTest(path=path):
+                status, headers, body = request(self.server, "GET", path)
+                document = json.loads(body)
+                self.assertEqual(status, 200)
+                self.assertEqual(
+                    {name: document[name] for name in (
+                        "grant_types_supported", "token_endpoint_auth_methods_supported",
+                        "scopes_supported", "claims_supported")},
+                    {"grant_types_supported": ["client_credentials"],
+                     "token_endpoint_auth_methods_supported": ["client_secret_basic",
+                                                               "client_secret_post"],
+                     "scopes_supported": ["kv.read", "kv.write"],
+                     "claims_supported": ["iss", "sub", "aud", "iat", "nbf", "exp", "jti",
+                                          "client_id", "scope", "env", "groups", "team"]})
+
+    def test_the_json_form_still_answers_as_before(self):
+        # The seed's request, byte for byte the answer it had: a plain token
+        # typed JWT, with the issuer's claims in their order, and no client_id.
+        with serving() as server:
+            status, headers, body = request(server, "POST", "/auth/token", SEED_CURL_BODY,
+                                            JSON_HEADERS)
+            self.assertEqual(status, 200)
+            self.assertEqual([(name, value) for name, value in headers.items() if name != "Date"],
+                             [("Content-Type", "text/plain"), ("Content-Length", str(len(body))),
+                              ("X-Content-Type-Options", "nosniff"),
+                              ("Cache-Control", "no-store"), ("Pragma", "no-cache")])
+            header, claims, _ = segments(body.decode())
+            kid = jwks_of(server)["keys"][0]["kid"]
+            self.assertEqual(body.split(b".")[0], b64url_encode(
+                b'{"alg":"ES256","typ":"JWT","kid":"%s"}' % kid.encode()).encode())
+            self.assertEqual(list(claims), ["iss", "sub", "iat", "nbf", "exp", "jti"])
+
+    def test_open_mode_client_id_alone_names_the_client(self):
+        server = self.enter(serving(audience=("vault",)))
+        status, _, body = self.grant({"grant_type": "client_credentials", "client_id": "vishpat"},
+                                     server=server)
+        self.assertEqual(status, 200, body)
+        claims = access_claims(body["access_token"], jwks_of(server), sub="vishpat",
+                               client_id="vishpat", aud="vault")
+        self.assertNotIn("scope", claims)
+        grant = {"grant_type": "client_credentials"}
+        for answer, description in (
+                (self.grant(grant, server=server), "client_id is required"),
+                (self.grant(dict(grant, client_id="a\u202eb"), server=server),
+                 "client_id must not contain invisible or formatting characters"),
+                (self.grant(dict(grant, client_id="vishpat", client_secret="x"), server=server),
+                 "this issuer checks no client secret (it has no --auth-file): client_id alone "
+                 "names the client"),
+                (self.grant(grant, basic("vishpat", "x"), server=server),
+                 "this issuer checks no client secret (it has no --auth-file): client_id alone "
+                 "names the client"),
+                (self.grant(dict(grant, client_id="vishpat", scope="kv.read"), server=server),
+                 None)):
+            with self.subTest(description=description):
+                self.assert_error(answer, 400, "invalid_scope" if description is None
+                                  else "invalid_request", description)
+
+    def test_hostile_forms_get_4xx_and_the_server_keeps_serving(self):
+        alice = basic_client("alice", SECRETS["alice"])
+        rng = random.Random(12)
+        alphabet = b"&=%+;\x00\xff\xc3\xa9 azAZ09grant_typeclient_credentialsscope"
+        for _ in range(300):
+            body = bytes(rng.choice(alphabet) for _ in range(rng.randrange(0, 120)))
+            if rng.random() < 0.5:
+                body = b"grant_type=client_credentials&" + body
+            status, _, answer = self.grant(body, alice)
+            self.assertIn(status, (200, 400), (body, answer))
+            self.assertIn(answer.get("error", "ok"), ("ok", "invalid_request", "invalid_scope",
+                                                     "invalid_target", "unsupported_grant_type"))
+        self.assertEqual(self.grant({"grant_type": "client_credentials"}, alice)[0], 200)
+
+
+class ClientCertificateGrantTest(TempDirTestCase):
+    """tls_client_auth (RFC 8705 §2): the certificate names the client."""
+
+    def test_the_certificate_is_the_client(self):
+        pki = PKI(self.dir)
+        with serving(tls_cert=pki.server_cert, tls_key=pki.server_key,
+                     tls_client_ca=pki.ca_path, audience=("vault",),
+                     claims_file=self.write("claims.json", CLIENT_CLAIMS)) as server:
+            certificate = pki.issue("alice", client=True)
+            # authlib, as a client with no secret: client_id in the body, the certificate on TLS
+            session = AuthlibSession("alice", token_endpoint_auth_method="none")
+            url = "https://127.0.0.1:%d/auth/token" % server.server_address[1]
+            token = session.fetch_token(url, grant_type="client_credentials", scope="kv.read",
+                                        verify=pki.ca_path, cert=certificate)
+            self.assertEqual(token["scope"], "kv.read")
+            jwks = json.loads(https(server, pki, "GET", "/auth/jwks")[2])
+            access_claims(token["access_token"], jwks, sub="alice", client_id="alice", aud="vault")
+            form = urllib.parse.urlencode({"grant_type": "client_credentials"})
+            for headers, body, status, error in (
+                    (FORM_HEADERS, form, 200, None),
+                    (FORM_HEADERS, form + "&client_id=bob", 401, "invalid_client"),
+                    (dict(FORM_HEADERS, Authorization=basic("alice", "x")), form, 400,
+                     "invalid_request")):
+                with self.subTest(body=body, headers=headers):
+                    answer = https(server, pki, "POST", "/auth/token", body, headers,
+                                   certificate=certificate)
+                    self.assertEqual((answer[0], json.loads(answer[2]).get("error")),
+                                     (status, error))
+            answer = https(server, pki, "POST", "/auth/token", form, FORM_HEADERS)
+            self.assertEqual((answer[0], json.loads(answer[2])["error"]), (401, "invalid_client"))
+            document = json.loads(https(server, pki, "GET",
+                                        "/.well-known/oauth-authorization-server")[2])
+            self.assertEqual(document["token_endpoint_auth_methods_supported"],
+                             ["tls_client_auth"])
+
+
+def openid_client():
+    """node and the openid-client package that `npm ci --prefix .ci` installs:
+    (node, the folder to run it in). Required: a missing one fails the test."""
+    node, folder = shutil.which("node"), os.path.join(HERE, ".ci")
+    if node is None or not os.path.isdir(os.path.join(folder, "node_modules", "openid-client")):
+        raise AssertionError("node's openid-client is needed: npm ci --prefix .ci (with node "
+                             "and npm installed)")
+    return node, folder
+
+
+OPENID_CLIENT_SCRIPT = r"""
+import * as client from 'openid-client'
+const [issuer, clientId, secret, method, algorithm, scope, resource] = process.argv.slice(1)
+const auth = {basic: client.ClientSecretBasic, post: client.ClientSecretPost}[method](secret)
+const config = await client.discovery(new URL(issuer), clientId, undefined, auth,
+  {algorithm, execute: [client.allowInsecureRequests]})
+const tokens = await client.clientCredentialsGrant(config, {scope, resource})
+console.log(JSON.stringify({metadata: config.serverMetadata(), tokens}))
+"""
+
+
+class OAuthClientsTest(TempDirTestCase):
+    """The clients people already have, against the issuer as a process."""
+
+    def setUp(self):
+        super().setUp()
+        users = self.write("users", "".join(hash_file_line(client, secret) + "\n"
+                                            for client, secret in SECRETS.items()))
+        self.issuer = self.start("--key", self.key_file(), "--auth-file", users,
+                                 "--audience", "vault", "--claims",
+                                 self.write("claims.json", CLIENT_CLAIMS))
+        self.token_url = self.issuer.url + "/auth/token"
+        self.jwks = self.issuer.get("/auth/jwks").json()
+
+    def test_authlib_with_client_secret_basic_and_post(self):
+        # authlib sends Basic credentials as they are, not form-encoded (RFC
+        # 6749 §2.3.1): a client named "ci bot+1" works by client_secret_post
+        for method, client in (("client_secret_basic", "alice"), ("client_secret_post", "alice"),
+                               ("client_secret_post", "ci bot+1")):
+            with self.subTest(method=method, client=client):
+                session = AuthlibSession(client, SECRETS[client],
+                                         token_endpoint_auth_method=method)
+                token = session.fetch_token(self.token_url, grant_type="client_credentials")
+                self.assertEqual(token["token_type"], "Bearer")
+                claims = access_claims(token["access_token"], self.jwks, sub=client,
+                                       client_id=client, aud="vault")
+                self.assertEqual(token["scope"], claims["scope"])
+        session = AuthlibSession("alice", "wrong", token_endpoint_auth_method="client_secret_basic")
+        with self.assertRaises(OAuthError) as caught:
+            session.fetch_token(self.token_url, grant_type="client_credentials")
+        self.assertEqual(caught.exception.error, "invalid_client")
+
+    def test_requests_oauthlib_backend_application_client(self):
+        os.environ["OAUTHLIB_INSECURE_TRANSPORT"] = "1"  # else it refuses http://, even on loopback
+        self.addCleanup(os.environ.pop, "OAUTHLIB_INSECURE_TRANSPORT")
+        session = OAuth2Session(client=BackendApplicationClient(client_id="alice"))
+        token = session.fetch_token(self.token_url, client_id="alice",
+                                    client_secret=SECRETS["alice"], scope=["kv.read"])
+        self.assertEqual(token["scope"], ["kv.read"])
+        access_claims(token["access_token"], self.jwks, sub="alice", scope="kv.read")
+
+    def test_node_openid_client_discovers_then_asks(self):
+        node, folder = openid_client()
+        issuer = self.issuer.url.replace("127.0.0.1", "localhost")  # as the issuer names itself
+        for method, algorithm in (("basic", "oidc"), ("post", "oauth2")):
+            with self.subTest(method=method, algorithm=algorithm):
+                result = subprocess.run(
+                    [node, "--input-type=module", "-e", OPENID_CLIENT_SCRIPT, issuer, "alice",
+                     SECRETS["alice"], method, algorithm, "kv.write", "vault"],
+                    cwd=folder, capture_output=True, text=True, timeout=60)
+                self.assertEqual(result.returncode, 0, result.stderr)
+                answer = json.loads(result.stdout)
+                self.assertEqual(answer["metadata"]["token_endpoint"], issuer + "/auth/token")
+                self.assertEqual((answer["tokens"]["scope"], answer["tokens"]["expires_in"]),
+                                 ("kv.write", 3600))
+                access_claims(answer["tokens"]["access_token"], self.jwks, sub="alice",
+                              scope="kv.write", aud="vault")
+
 
 class ConnectionLimitTest(unittest.TestCase):
     def test_idle_connections_make_room_then_clients_get_a_fast_503(self):
@@ -5855,6 +6360,30 @@ class VaultTest(TempDirTestCase):
         issuer.wait_for("reloaded claims for")
         bob = self.assert_logs_in("jwt-reload", issuer.token("bob"), "members")
         self.assertTrue(self.can_write(bob["client_token"], "kv/ops/bob"))
+
+    # ------------------------------------------------------------ OAuth 2.0 client credentials
+
+    def test_oauth_an_access_token_logs_in_through_bound_audiences(self):
+        # authlib's client credentials grant; OpenBao ignores "typ": "at+jwt"
+        users = self.write("users", hash_file_line("alice", SECRETS["alice"]) + "\n")
+        issuer = self.start("--key", self.key_file(), "--auth-file", users, "--audience", "vault",
+                            "--audience", "elsewhere",
+                            "--claims", self.write("claims.json", CLIENT_CLAIMS))
+        self.jwt_auth("jwt-oauth", {"jwks_url": issuer.url + "/auth/jwks"},
+                      bound_subject="alice", bound_audiences=["vault"],
+                      claim_mappings={"scope": "scope", "client_id": "client_id"})
+        session = AuthlibSession("alice", SECRETS["alice"],
+                                 token_endpoint_auth_method="client_secret_basic")
+        token = session.fetch_token(issuer.url + "/auth/token", grant_type="client_credentials",
+                                    scope="kv.read", audience="vault")["access_token"]
+        self.assertEqual(segments(token)[0]["typ"], "at+jwt")
+        auth = self.assert_logs_in("jwt-oauth", token)
+        self.assertEqual(auth["policies"], ["default", "vishpat_keys_policy"])
+        self.assertEqual(auth["metadata"], {"role": "jwt_vishpat", "scope": "kv.read",
+                                            "client_id": "alice"})
+        other = session.fetch_token(issuer.url + "/auth/token", grant_type="client_credentials",
+                                    audience="elsewhere")["access_token"]
+        self.assert_refused("jwt-oauth", other, "aud")
 
 
 
