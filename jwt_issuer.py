@@ -4,7 +4,9 @@
 POST /auth/token {"name": "alice"} answers a JWT for subject "alice", signed
 with ES256 (ECDSA on P-256 with SHA-256); GET /auth/jwks publishes the public
 key, so that the `jwt` auth method of HashiCorp Vault or OpenBao, or anything
-else that checks JWTs against a JWKS URL, can trust the tokens.
+else that checks JWTs against a JWKS URL, can trust the tokens. The same
+endpoint answers OAuth 2.0 clients (the client credentials grant, RFC 6749
+§4.4) with RFC 9068 access tokens.
 
 One module on the Python 3.9+ standard library and `cryptography`:
 
@@ -14,10 +16,11 @@ Copyright (c) 2026 the jwt-issuer authors. MIT licence: see LICENSE.
 """
 
 # The file reads top to bottom: constants, errors, the pure core (base64url
-# and JSON, keys, claims and signing, passwords, HTTP request heads),
-# configuration, files, the Issuer value, the endpoints and their ROUTES,
-# metrics, connections (the handler and the server), processes (logging,
-# signals, workers), then the commands and main. Its rules:
+# and JSON, keys, claims and signing with OAuth 2.0 forms and scopes,
+# passwords, HTTP request heads), configuration, files, the Issuer value, the
+# endpoints and their ROUTES, metrics, connections (the handler and the
+# server), processes (logging, signals, workers), then the commands and main.
+# Its rules:
 #   - The pure core takes data and returns data: no socket, clock, file or
 #     os.environ inside. The edge passes in the time and the token id.
 #   - What a reload replaces is one immutable Issuer, built by load_issuer
@@ -1938,9 +1941,9 @@ def client_credentials_grant(request, content_type):
                         % (CLIENT_CREDENTIALS, _cut(grant_type)))
     if "audience" in form and "resource" in form:
         raise HTTPError(400, "invalid_request", "give audience or resource, not both")
+    client = authenticate_client(request, form)  # before what would tell the configuration
     config = request.issuer.config
     audience = requested_audience(form.get("audience") or form.get("resource"), config.audience)
-    client = authenticate_client(request, form)
     scope = granted_scope(form.get(SCOPE, [None])[0], request.issuer.claims.scope(client))
     token = mint(request, client, audience, config.ttl, scope, client_id=client)
     body = {"access_token": token, "token_type": "Bearer", "expires_in": config.ttl}

@@ -4097,6 +4097,9 @@ class ClientCredentialsTest(TempDirTestCase):
                  "missing or wrong client credentials", True),
                 (self.grant(grant, "Bearer abc"), 401, "invalid_client",
                  "missing or wrong client credentials", True),
+                # the configured audiences are not told to whoever asks
+                (self.grant(dict(grant, resource="probe"), basic_client("alice", "guess")), 401,
+                 "invalid_client", "missing or wrong client credentials", True),
                 (self.grant(dict(grant, client_secret=SECRETS["alice"]), alice), 400,
                  "invalid_request", "a client authenticates one way, not by both the "
                  "Authorization header and client_secret", False),
