@@ -768,10 +768,11 @@ def parse_claims_file(data):
             if _folds(name) & set(ISSUER_CLAIMS):  # "EXP", "ſub", "ıat": verifiers fold case
                 raise ValueError("%s: claim %s is the issuer's own (in any case); it cannot "
                                  "be set here" % (who, _shown(name)))
-            if SCOPE in _folds(name):
+            if _folds(name) & {SCOPE, "scp"}:  # "scp": what Okta, Azure and Spring read too
                 if name != SCOPE:
-                    raise ValueError("%s: claim %s: a scope is spelled %s" % (
-                        who, _shown(name), _shown(SCOPE)))
+                    raise ValueError("%s: claim %s: a scope is spelled %s, and is a ceiling "
+                                     "that a token is granted within" % (
+                                         who, _shown(name), _shown(SCOPE)))
                 try:
                     scopes[subject] = parse_scope(value if isinstance(value, str) else "")
                 except ValueError as error:
@@ -1550,6 +1551,7 @@ class Users:
         self._keyed_hash = hmac.digest
         self._cache_key = os.urandom(32)
         self._verified = {}  # HMAC of the credentials -> when it expires
+        self._checking = {}  # HMAC of credentials being checked now -> set when that ends
         self._lock = threading.Lock()
         self._dummy = self._costliest(hashes.values())
 
@@ -1581,6 +1583,29 @@ class Users:
         """Whether these credentials checked out within VERIFIED_CACHE_SECONDS."""
         expires = self._verified.get(self._cache_key_of(user, password))
         return expires is not None and expires > now
+
+    @contextlib.contextmanager
+    def one_check_at_a_time(self, user, password):
+        """True for the first thread to check these credentials now; another
+        waits until that check ends, then gets False. A burst of one client's
+        good credentials (at start, after a reload) then pays one slow hash
+        and counts no guesses, instead of running out of its allowance."""
+        key = self._cache_key_of(user, password)
+        with self._lock:
+            done = self._checking.get(key)
+            first = done is None
+            if first:
+                done = self._checking[key] = threading.Event()
+        if not first:
+            done.wait(REQUEST_TIMEOUT_SECONDS)
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            with self._lock:
+                del self._checking[key]
+            done.set()
 
     def check(self, user, password, now):
         """None when the credentials are good, else why not (for the log): one
@@ -1875,14 +1900,21 @@ def check_password(limiter, users, address, user, password, now):
     slow check, and a client over its allowance gets 429."""
     if users.remembers(user, password, now):
         return None
-    wait = limiter.take(address, user, now)
-    if wait:
-        raise HTTPError(429, "slow_down", "too many failed logins from this address",
-                        headers=[("Retry-After", str(wait))])
-    failure = users.check(user, password, now)
-    if failure is None:
-        limiter.give_back(address, user, now)
-    return failure
+    with users.one_check_at_a_time(user, password) as first:
+        if not first and users.remembers(user, password, now):
+            return None  # they checked out while this request waited
+        wait = limiter.take(address, user, now)
+        if wait:
+            raise HTTPError(429, "slow_down", "too many failed logins from this address",
+                            headers=[("Retry-After", str(wait))])
+        try:
+            failure = users.check(user, password, now)
+        except HTTPError:  # 503: no check was made, so no guess is counted
+            limiter.give_back(address, user, now)
+            raise
+        if failure is None:
+            limiter.give_back(address, user, now)
+        return failure
 
 
 def _media_type(value):
@@ -1933,6 +1965,10 @@ def client_credentials_grant(request, content_type):
     if "content-length" not in request.head.fields:
         raise HTTPError(411, "invalid_request", "Content-Length is required")
     form = parse_form(request.body)
+    query = request.head.target.partition("?")[2]
+    if "client_secret" in urllib.parse.parse_qs(query, keep_blank_values=True):
+        raise HTTPError(400, "invalid_request", "a client secret must not be in the URI "
+                                                "(RFC 6749 §2.3.1), where proxies log it")
     grant_type = form.get("grant_type", [None])[0]
     if grant_type is None:
         raise HTTPError(400, "invalid_request", "grant_type is required")
@@ -2313,14 +2349,19 @@ _LOG_ESCAPES.update({ord('"'): '\\"', ord("\\"): "\\\\"})
 _quoted = json.JSONEncoder().encode  # "...", escaped: one safe token in a log line
 
 
+_QUERY = re.compile(r"\?[^ ]*")
+
+
 def logged_request_line(head, line=b""):
-    """The request line, as far as it was read, escaped for a log line."""
+    """The request line, as far as it was read, escaped for a log line. A
+    query is left out: no endpoint reads one, and a client may put a secret
+    there (RFC 6749 §2.3.1 forbids it, but clients get it wrong)."""
     if head is not None:
         text = "%s %s %s" % (head.method, head.target, head.version)
     else:
         text = bytes(line.lstrip(b"\r\n").partition(b"\n")[0]).rstrip(b"\r")
         text = text.decode("iso-8859-1") or "-"
-    return text[:MAX_LOGGED_LINE_CHARS].translate(_LOG_ESCAPES)
+    return _QUERY.sub("?...", text[:MAX_LOGGED_LINE_CHARS]).translate(_LOG_ESCAPES)
 
 
 class RequestHandler(socketserver.StreamRequestHandler):

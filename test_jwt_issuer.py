@@ -3941,7 +3941,11 @@ class FormTest(unittest.TestCase):
                  "tokens (printable ASCII, no quote or backslash) with one space between each "
                  "(RFC 6749 §3.3)"),
                 ({"*": {"Scope": "admin"}}, 'subject "*": claim "Scope": a scope is spelled '
-                 '"scope"')):
+                 '"scope", and is a ceiling that a token is granted within'),
+                # what Okta, Azure and Spring read as the scope too: it would pass
+                # every token a scope beside the one granted
+                ({"svc": {"scp": ["kv.admin"]}}, 'subject "svc": claim "scp": a scope is spelled '
+                 '"scope", and is a ceiling that a token is granted within')):
             with self.subTest(content=content), self.assertRaises(ValueError) as caught:
                 parse_claims_file(json_bytes(content))
             self.assertEqual(str(caught.exception), message)
@@ -4112,6 +4116,50 @@ class ClientCredentialsTest(TempDirTestCase):
         # client_id beside Basic, the same client: as many clients send it
         status, _, body = self.grant(dict(grant, client_id="alice"), alice)
         self.assertEqual(status, 200, body)
+
+    def test_a_burst_of_good_credentials_runs_one_check(self):
+        # After a start or a reload nothing is remembered: 20 requests at once
+        # with alice's good secret ran 20 checks' worth of guesses, and half got
+        # 429 "too many failed logins". Now one checks, the others wait for it.
+        for form in (False, True):
+            with self.subTest(form=form):
+                with self.assertLogs("jwt_issuer", "INFO"):
+                    self.server.service.reload()  # forgets what checked out
+                results = []
+
+                def ask():
+                    if form:
+                        results.append(self.grant({"grant_type": "client_credentials"},
+                                                  basic_client("alice", SECRETS["alice"]))[0])
+                    else:
+                        results.append(request(self.server, "POST", "/auth/token", b"", {
+                            "Authorization": basic("alice", SECRETS["alice"])})[0])
+                threads = [threading.Thread(target=ask) for _ in range(20)]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join(60)
+                self.assertEqual(results, [200] * 20)
+
+    def test_a_secret_in_the_uri_is_refused_and_no_query_is_logged(self):
+        with self.assertLogs("jwt_issuer", "INFO") as logs:
+            for target, form in (("/auth/token?client_secret=TopSecret",
+                                  {"grant_type": "client_credentials", "client_id": "alice",
+                                   "client_secret": SECRETS["alice"]}),
+                                 ("/auth/token?client_id=alice&client_secret=TopSecret",
+                                  {"grant_type": "client_credentials"})):
+                with self.subTest(target=target):
+                    status, headers, body = request(
+                        self.server, "POST", target, urllib.parse.urlencode(form).encode(),
+                        FORM_HEADERS)
+                    self.assertEqual((status, json.loads(body)), (400, {
+                        "error": "invalid_request", "error_description": "a client secret must "
+                        "not be in the URI (RFC 6749 ?2.3.1), where proxies log it"}))
+            request(self.server, "GET", "/healthz?TopSecret")
+        lines = "\n".join(record.getMessage() for record in logs.records)
+        self.assertIn('"POST /auth/token?... HTTP/1.1" 400', lines)
+        self.assertIn('"GET /healthz?... HTTP/1.1" 200', lines)
+        self.assertNotIn("TopSecret", lines)
 
     def test_the_same_limiter_and_audit_line_as_the_json_form(self):
         grant = {"grant_type": "client_credentials"}
