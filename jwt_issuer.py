@@ -527,11 +527,13 @@ def _shown(text):
 
 
 def token_body(body, *, audience, ttl, name_required=True):
-    """(name, audience, ttl) that a JSON token request body {"name": ...,
-    "audience": ..., "ttl": ...} asks for, each checked, or HTTPError 400. The
-    name is None where it is absent and not required; the audience and ttl
-    are the configured AUDIENCE and TTL where absent. Other members are
-    ignored, as OAuth 2.0 ignores unknown parameters (RFC 6749 §3.2)."""
+    """(name, audience, ttl, scope) that a JSON token request body {"name": ...,
+    "audience": ..., "ttl": ..., "scope": ...} asks for, each checked, or
+    HTTPError 400. The name is None where it is absent and not required; the
+    audience and ttl are the configured AUDIENCE and TTL where absent; the
+    scope is the text asked for, or None. Other members are ignored, as OAuth
+    2.0 ignores unknown parameters (RFC 6749 §3.2), except a grant_type: an
+    OAuth 2.0 client that sent JSON would otherwise get a token it cannot read."""
     try:
         document = parse_json(body)
     except UnicodeDecodeError:
@@ -540,6 +542,12 @@ def token_body(body, *, audience, ttl, name_required=True):
         raise HTTPError(400, "invalid_request", "body is not valid JSON: %s" % error) from None
     if not isinstance(document, dict):
         raise HTTPError(400, "invalid_request", "body must be a JSON object")
+    if "grant_type" in document:
+        raise HTTPError(415, "invalid_request", "an OAuth 2.0 token request is a form: "
+                                                "Content-Type %s (RFC 6749 §4.4.2)" % FORM_TYPE)
+    scope = document.get(SCOPE)
+    if scope is not None and not isinstance(scope, str):
+        raise HTTPError(400, "invalid_request", "scope must be a string, not %s" % _kind(scope))
     name = document.get("name")
     if name is None and name_required:
         raise HTTPError(400, "invalid_request", "name is required")
@@ -549,7 +557,7 @@ def token_body(body, *, audience, ttl, name_required=True):
     if problem:
         raise HTTPError(400, "invalid_request", "name " + problem)
     return name, requested_audience(document.get("audience"), audience), \
-        requested_ttl(document.get("ttl"), ttl)
+        requested_ttl(document.get("ttl"), ttl), scope
 
 
 def requested_audience(value, configured):
@@ -1940,17 +1948,17 @@ def issue_token(request):
     if authenticated is None and "content-length" not in head.fields:
         raise HTTPError(411, "invalid_request", "Content-Length is required")
     config = request.issuer.config
-    name, audience, ttl = None, config.audience, config.ttl
+    name, audience, ttl, scope = None, config.audience, config.ttl, None
     if request.body or authenticated is None:
         if content_type is not None and _media_type(content_type) != JSON_TYPE:
             raise HTTPError(415, "invalid_request", "Content-Type must be application/json, "
                                                     "or %s for an OAuth 2.0 client" % FORM_TYPE)
-        name, audience, ttl = token_body(request.body, audience=audience, ttl=ttl,
-                                         name_required=authenticated is None)
+        name, audience, ttl, scope = token_body(request.body, audience=audience, ttl=ttl,
+                                                name_required=authenticated is None)
     if authenticated is not None and name is not None and name != authenticated:
         raise HTTPError(403, "access_denied", "name must be the authenticated user's")
     sub = authenticated or name
-    token = mint(request, sub, audience, ttl, request.issuer.claims.scope(sub))
+    token = mint(request, sub, audience, ttl, granted_scope(scope, request.issuer.claims.scope(sub)))
     if any(_media_type(accepted) == JSON_TYPE
            for accepted in head.fields.get("accept", "").split(",")):
         body = {"access_token": token, "token_type": "Bearer", "expires_in": ttl}
@@ -2025,8 +2033,12 @@ def authenticate_client(request, form):
         try:  # RFC 6749 §2.3.1: the client's id and secret are form-encoded first
             credentials = credentials and tuple(form_decode(part.encode("utf-8"))
                                                 for part in credentials)
-        except ValueError:
-            credentials, failure = None, "Basic credentials not form-encoded"
+        except ValueError:  # no user is named: the answer may say what is wrong
+            log.info("authentication failed from %s: Basic credentials not form-encoded",
+                     request.client)
+            raise HTTPError(401, "invalid_client", "the client's id and secret must be "
+                            "form-encoded before Basic encodes them (RFC 6749 §2.3.1)",
+                            headers=[CHALLENGE])
         if credentials and client_id is not None and client_id != credentials[0]:
             raise HTTPError(400, "invalid_request", "client_id is not the client of the "
                                                     "Authorization header")
@@ -3121,6 +3133,9 @@ def read_password():
     return password
 
 
+_UNRESERVED = re.compile(r"[A-Za-z0-9._~-]+")  # RFC 3986 §2.3: the same form-encoded or not
+
+
 def print_password_hash(user):
     if user is not None:
         try:
@@ -3128,7 +3143,13 @@ def print_password_hash(user):
         except ValueError as error:
             raise ConfigError(str(error)) from None
     prefix = "" if user is None else user + ":"
-    print(prefix + hash_password(read_password(), os.urandom(16)))
+    password = read_password()
+    print(prefix + hash_password(password, os.urandom(16)))
+    if not all(_UNRESERVED.fullmatch(part) for part in (user or "-", password)):
+        print("note: OAuth 2.0 clients send a name or secret with characters other than "
+              "letters, digits and -._~ two ways in HTTP Basic (RFC 6749 §2.3.1 form-encodes "
+              "them; authlib and requests-oauthlib do not): such a client should use "
+              "client_secret_post", file=sys.stderr)
     return 0
 
 

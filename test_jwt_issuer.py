@@ -3285,6 +3285,13 @@ class AuthProcessTest(TempDirTestCase):
         user, _, encoded = result.stdout.decode().strip().partition(":")
         self.assertEqual(user, "alice")
         self.assertTrue(jwt_issuer.PasswordHash.parse(encoded).matches("s3cret"))
+        self.assertEqual(result.stderr, b"")
+        # a secret an OAuth 2.0 client sends two ways in HTTP Basic: said, and hashed all the same
+        for args, stdin in ((["hash-password", "alice"], b"abc+def\n"),
+                            (["hash-password", "ci bot"], b"s3cret\n")):
+            result = run_command(*args, input=stdin)
+            self.assertEqual(result.returncode, 0)
+            self.assertIn(b"such a client should use client_secret_post", result.stderr)
         for args, stdin, message in ((["hash-password"], b"\n", "the password is empty"),
                                      (["hash-password", "a:b"], b"x\n", "a user name must be")):
             result = run_command(*args, input=stdin)
@@ -3622,19 +3629,31 @@ class TokenBodyTest(unittest.TestCase):
     def asked(self, body, audience=AUDIENCES, ttl=600):
         return token_body(json_bytes(body), audience=audience, ttl=ttl)
 
-    def test_audience_and_ttl_asked_for(self):
-        self.assertEqual(self.asked({"name": "a"}), ("a", self.AUDIENCES, 600))
-        self.assertEqual(self.asked({"name": "a", "audience": "openbao"}), ("a", ("openbao",), 600))
+    def test_audience_ttl_and_scope_asked_for(self):
+        self.assertEqual(self.asked({"name": "a"}), ("a", self.AUDIENCES, 600, None))
+        self.assertEqual(self.asked({"name": "a", "audience": "openbao"}),
+                         ("a", ("openbao",), 600, None))
         self.assertEqual(self.asked({"name": "a", "audience": ["openbao", "vault", "openbao"]}),
-                         ("a", ("openbao", "vault"), 600))
-        self.assertEqual(self.asked({"name": "a", "ttl": 1}), ("a", self.AUDIENCES, 1))
+                         ("a", ("openbao", "vault"), 600, None))
+        self.assertEqual(self.asked({"name": "a", "ttl": 1}), ("a", self.AUDIENCES, 1, None))
         self.assertEqual(self.asked({"name": "a", "ttl": 600, "audience": None}),
-                         ("a", self.AUDIENCES, 600))
+                         ("a", self.AUDIENCES, 600, None))
+        self.assertEqual(self.asked({"name": "a", "scope": "kv.read"}),
+                         ("a", self.AUDIENCES, 600, "kv.read"))
         # other members are ignored, as OAuth 2.0 ignores unknown parameters
         self.assertEqual(self.asked({"name": "a", "groups": ["admin"], "sub": "root"}),
-                         ("a", self.AUDIENCES, 600))
+                         ("a", self.AUDIENCES, 600, None))
         self.assertEqual(token_body(b'{"ttl": 5}', audience=(), ttl=9, name_required=False),
-                         (None, (), 5))
+                         (None, (), 5, None))
+
+    def test_an_oauth_request_sent_as_json_is_told_to_send_a_form(self):
+        # An OAuth 2.0 client that sends JSON would get a bare token it cannot read
+        with self.assertRaises(HTTPError) as caught:
+            self.asked({"grant_type": "client_credentials", "name": "a"})
+        self.assertEqual((caught.exception.status, caught.exception.error,
+                          caught.exception.description),
+                         (415, "invalid_request", "an OAuth 2.0 token request is a form: "
+                          "Content-Type application/x-www-form-urlencoded (RFC 6749 §4.4.2)"))
 
     def test_what_is_refused_says_which_value(self):
         cases = [
@@ -3665,6 +3684,7 @@ class TokenBodyTest(unittest.TestCase):
              "ttl must be an integer from 1 to 600, not a number"),
             ({"ttl": True}, (), "invalid_request",
              "ttl must be an integer from 1 to 600, not a boolean"),
+            ({"scope": ["kv.read"]}, (), "invalid_request", "scope must be a string, not a list"),
         ]
         for body, audience, error, description in cases:
             with self.subTest(body=body):
@@ -4022,7 +4042,8 @@ class ClientCredentialsTest(TempDirTestCase):
             "ci bot+1", SECRETS["ci bot+1"], encode=False)), 401, "invalid_client",
             challenge=True)
         self.assert_error(self.grant({"grant_type": "client_credentials"}, basic(
-            "alice", "%zz")), 401, "invalid_client", challenge=True)
+            "alice", "50%off")), 401, "invalid_client", "the client's id and secret must be "
+            "form-encoded before Basic encodes them (RFC 6749 ?2.3.1)", challenge=True)
 
     def test_scope_within_the_ceiling(self):
         for scope, granted in (("kv.read", "kv.read"), ("kv.write kv.read", "kv.write kv.read"),
@@ -4116,6 +4137,20 @@ class ClientCredentialsTest(TempDirTestCase):
         # client_id beside Basic, the same client: as many clients send it
         status, _, body = self.grant(dict(grant, client_id="alice"), alice)
         self.assertEqual(status, 200, body)
+
+    def test_the_json_form_may_ask_for_part_of_the_scope_too(self):
+        for body, status, scope in (({"scope": "kv.read"}, 200, "kv.read"),
+                                    ({}, 200, "kv.read kv.write"),
+                                    ({"scope": "kv.admin"}, 400, None)):
+            with self.subTest(body=body):
+                answer = request(self.server, "POST", "/auth/token", json_bytes(body), dict(
+                    JSON_HEADERS, Authorization=basic("alice", SECRETS["alice"])))
+                self.assertEqual(answer[0], status, answer[2])
+                if scope is None:
+                    self.assertEqual(json.loads(answer[2])["error"], "invalid_scope")
+                    continue
+                header, claims = verify_with_joserfc(answer[2].decode(), self.jwks, scope=scope)
+                self.assertEqual((header["typ"], "client_id" in claims), ("JWT", False))
 
     def test_a_burst_of_good_credentials_runs_one_check(self):
         # After a start or a reload nothing is remembered: 20 requests at once
@@ -6435,6 +6470,20 @@ class VaultTest(TempDirTestCase):
         other = session.fetch_token(issuer.url + "/auth/token", grant_type="client_credentials",
                                     audience="elsewhere")["access_token"]
         self.assert_refused("jwt-oauth", other, "aud")
+        # the README's way to require one scope among others: a glob in each place it can be
+        self.role("jwt-oauth", "writers", bound_subject="", bound_audiences=["vault"],
+                  bound_claims_type="glob", bound_claims={"scope": [
+                      "kv.write", "kv.write *", "* kv.write", "* kv.write *"]})
+        for scope, allowed in (("kv.read kv.write", True), ("kv.write", True),
+                               ("kv.write kv.read", True), ("kv.read", False)):
+            with self.subTest(scope=scope):
+                token = session.fetch_token(issuer.url + "/auth/token", scope=scope,
+                                            grant_type="client_credentials")["access_token"]
+                if allowed:
+                    self.assert_logs_in("jwt-oauth", token, "writers")
+                else:
+                    self.assert_refused("jwt-oauth", token, 'claim "scope" does not match',
+                                        "writers")
 
 
 
