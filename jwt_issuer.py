@@ -595,9 +595,11 @@ def form_decode(data):
     """One name or value of an application/x-www-form-urlencoded body (the
     URL Standard's, which RFC 6749 Appendix B names): "+" is a space, %XX a
     byte, and the bytes are UTF-8. ValueError for a stray "%" or bad UTF-8."""
-    if _BAD_PERCENT.search(data):
-        raise ValueError("has a % that is not followed by two hex digits")
     try:
+        if b"%" not in data:  # most are plain, as "grant_type=client_credentials" is
+            return data.replace(b"+", b" ").decode("utf-8")
+        if _BAD_PERCENT.search(data):
+            raise ValueError("has a % that is not followed by two hex digits")
         return urllib.parse.unquote_to_bytes(data.replace(b"+", b" ")).decode("utf-8")
     except UnicodeDecodeError:
         raise ValueError("is not UTF-8 once decoded") from None
@@ -1974,7 +1976,7 @@ def client_credentials_grant(request, content_type):
         raise HTTPError(411, "invalid_request", "Content-Length is required")
     form = parse_form(request.body)
     query = request.head.target.partition("?")[2]
-    if "client_secret" in urllib.parse.parse_qs(query, keep_blank_values=True):
+    if query and "client_secret" in urllib.parse.parse_qs(query, keep_blank_values=True):
         raise HTTPError(400, "invalid_request", "a client secret must not be in the URI "
                                                 "(RFC 6749 §2.3.1), where proxies log it")
     grant_type = form.get("grant_type", [None])[0]
