@@ -543,8 +543,7 @@ def token_body(body, *, audience, ttl, name_required=True):
     if not isinstance(document, dict):
         raise HTTPError(400, "invalid_request", "body must be a JSON object")
     if "grant_type" in document:
-        raise HTTPError(415, "invalid_request", "an OAuth 2.0 token request is a form: "
-                                                "Content-Type %s (RFC 6749 §4.4.2)" % FORM_TYPE)
+        raise oauth_needs_a_form()
     scope = document.get(SCOPE)
     if scope is not None and not isinstance(scope, str):
         raise HTTPError(400, "invalid_request", "scope must be a string, not %s" % _kind(scope))
@@ -560,7 +559,22 @@ def token_body(body, *, audience, ttl, name_required=True):
         requested_ttl(document.get("ttl"), ttl), scope
 
 
-def requested_audience(value, configured):
+def oauth_sent_as_json(body):
+    """Whether BODY is a JSON object with a grant_type: an OAuth 2.0 client
+    that sent JSON, which would otherwise get a token it cannot read."""
+    try:
+        document = parse_json(body)
+    except ValueError:  # UnicodeDecodeError is one
+        return False
+    return isinstance(document, dict) and "grant_type" in document
+
+
+def oauth_needs_a_form():
+    return HTTPError(415, "invalid_request", "an OAuth 2.0 token request is a form: Content-Type "
+                                             "%s (RFC 6749 section 4.4.2)" % FORM_TYPE)
+
+
+def requested_audience(value, configured, parameter="audience"):
     """RFC 8707 §2: the audiences asked for (a string or a list), each one
     of the CONFIGURED, in the order asked; CONFIGURED when VALUE is None."""
     if value is None:
@@ -571,9 +585,9 @@ def requested_audience(value, configured):
                                                 "of strings, not %s" % _kind(value))
     for audience in values:
         if audience not in configured:
-            raise HTTPError(400, "invalid_target", "audience '%s' is not one this issuer serves "
-                            "(%s)" % (_cut(audience), "see --audience" if configured else
-                                      "it has no --audience"))
+            raise HTTPError(400, "invalid_target", "%s '%s' is not one this issuer serves "
+                            "(%s)" % (parameter, _cut(audience), "see --audience" if configured
+                                      else "it has no --audience"))
     return tuple(dict.fromkeys(values))
 
 
@@ -1946,6 +1960,8 @@ def issue_token(request):
     content_type = head.fields.get("content-type")
     if content_type is not None and _media_type(content_type) == FORM_TYPE:
         return client_credentials_grant(request, content_type)
+    if b"grant_type" in request.body and oauth_sent_as_json(request.body):
+        raise oauth_needs_a_form()  # before the credentials, which such a client sends in it
     authenticated = authenticate(request)  # None when the endpoint is open
     if authenticated is None and "content-length" not in head.fields:
         raise HTTPError(411, "invalid_request", "Content-Length is required")
@@ -1978,7 +1994,7 @@ def client_credentials_grant(request, content_type):
     query = request.head.target.partition("?")[2]
     if query and "client_secret" in urllib.parse.parse_qs(query, keep_blank_values=True):
         raise HTTPError(400, "invalid_request", "a client secret must not be in the URI "
-                                                "(RFC 6749 §2.3.1), where proxies log it")
+                                                "(RFC 6749 section 2.3.1), where proxies log it")
     grant_type = form.get("grant_type", [None])[0]
     if grant_type is None:
         raise HTTPError(400, "invalid_request", "grant_type is required")
@@ -1989,7 +2005,8 @@ def client_credentials_grant(request, content_type):
         raise HTTPError(400, "invalid_request", "give audience or resource, not both")
     client = authenticate_client(request, form)  # before what would tell the configuration
     config = request.issuer.config
-    audience = requested_audience(form.get("audience") or form.get("resource"), config.audience)
+    parameter = "resource" if "resource" in form else "audience"
+    audience = requested_audience(form.get(parameter), config.audience, parameter)
     scope = granted_scope(form.get(SCOPE, [None])[0], request.issuer.claims.scope(client))
     token = mint(request, client, audience, config.ttl, scope, client_id=client)
     body = {"access_token": token, "token_type": "Bearer", "expires_in": config.ttl}
@@ -2039,7 +2056,7 @@ def authenticate_client(request, form):
             log.info("authentication failed from %s: Basic credentials not form-encoded",
                      request.client)
             raise HTTPError(401, "invalid_client", "the client's id and secret must be "
-                            "form-encoded before Basic encodes them (RFC 6749 §2.3.1)",
+                            "form-encoded before Basic encodes them (RFC 6749 section 2.3.1)",
                             headers=[CHALLENGE])
         if credentials and client_id is not None and client_id != credentials[0]:
             raise HTTPError(400, "invalid_request", "client_id is not the client of the "

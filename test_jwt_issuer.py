@@ -3653,7 +3653,7 @@ class TokenBodyTest(unittest.TestCase):
         self.assertEqual((caught.exception.status, caught.exception.error,
                           caught.exception.description),
                          (415, "invalid_request", "an OAuth 2.0 token request is a form: "
-                          "Content-Type application/x-www-form-urlencoded (RFC 6749 §4.4.2)"))
+                          "Content-Type application/x-www-form-urlencoded (RFC 6749 section 4.4.2)"))
 
     def test_what_is_refused_says_which_value(self):
         cases = [
@@ -4043,7 +4043,7 @@ class ClientCredentialsTest(TempDirTestCase):
             challenge=True)
         self.assert_error(self.grant({"grant_type": "client_credentials"}, basic(
             "alice", "50%off")), 401, "invalid_client", "the client's id and secret must be "
-            "form-encoded before Basic encodes them (RFC 6749 ?2.3.1)", challenge=True)
+            "form-encoded before Basic encodes them (RFC 6749 section 2.3.1)", challenge=True)
 
     def test_scope_within_the_ceiling(self):
         for scope, granted in (("kv.read", "kv.read"), ("kv.write kv.read", "kv.write kv.read"),
@@ -4077,7 +4077,8 @@ class ClientCredentialsTest(TempDirTestCase):
                 self.assertEqual(status, 200, body)
                 self.assertEqual(access_claims(body["access_token"], self.jwks)["aud"], aud)
         self.assert_error(self.grant({"grant_type": "client_credentials", "resource": "elsewhere"},
-                                     alice), 400, "invalid_target")
+                                     alice), 400, "invalid_target",
+                          "resource 'elsewhere' is not one this issuer serves (see --audience)")
         self.assert_error(self.grant({"grant_type": "client_credentials", "resource": "vault",
                                       "audience": "vault"}, alice),
                           400, "invalid_request", "give audience or resource, not both")
@@ -4152,6 +4153,20 @@ class ClientCredentialsTest(TempDirTestCase):
                 header, claims = verify_with_joserfc(answer[2].decode(), self.jwks, scope=scope)
                 self.assertEqual((header["typ"], "client_id" in claims), ("JWT", False))
 
+    def test_an_oauth_client_that_sends_json_is_told_before_its_credentials(self):
+        # with its secret in the JSON body, it would get a 401 that does not say why
+        body = json_bytes({"grant_type": "client_credentials", "client_id": "alice",
+                           "client_secret": SECRETS["alice"]})
+        status, _, answer = request(self.server, "POST", "/auth/token", body, JSON_HEADERS)
+        self.assertEqual((status, json.loads(answer)["error_description"]), (
+            415, "an OAuth 2.0 token request is a form: Content-Type "
+                 "application/x-www-form-urlencoded (RFC 6749 section 4.4.2)"))
+        # a name that merely holds the words is a name
+        status, _, answer = request(self.server, "POST", "/auth/token", json_bytes(
+            {"name": "alice", "note": "grant_type"}), dict(
+            JSON_HEADERS, Authorization=basic("alice", SECRETS["alice"])))
+        self.assertEqual(status, 200, answer)
+
     def test_a_burst_of_good_credentials_runs_one_check(self):
         # After a start or a reload nothing is remembered: 20 requests at once
         # with alice's good secret ran 20 checks' worth of guesses, and half got
@@ -4189,7 +4204,7 @@ class ClientCredentialsTest(TempDirTestCase):
                         FORM_HEADERS)
                     self.assertEqual((status, json.loads(body)), (400, {
                         "error": "invalid_request", "error_description": "a client secret must "
-                        "not be in the URI (RFC 6749 ?2.3.1), where proxies log it"}))
+                        "not be in the URI (RFC 6749 section 2.3.1), where proxies log it"}))
             request(self.server, "GET", "/healthz?TopSecret")
         lines = "\n".join(record.getMessage() for record in logs.records)
         self.assertIn('"POST /auth/token?... HTTP/1.1" 400', lines)
