@@ -1557,6 +1557,20 @@ def obtain_keys(config):
 
 # ---------------------------------------------------------------- the Issuer: what a reload replaces
 
+def too_many_checks():
+    return HTTPError(503, "temporarily_unavailable", "too many password checks at once",
+                     headers=[("Retry-After", "1")])
+
+
+class _Check:
+    """A check of some credentials under way, and how it ended."""
+
+    __slots__ = ("done", "unavailable")
+
+    def __init__(self):
+        self.done, self.unavailable = threading.Event(), False
+
+
 class Users:
     """An auth file's users, and the checking of their passwords.
 
@@ -1610,34 +1624,39 @@ class Users:
 
     @contextlib.contextmanager
     def one_check_at_a_time(self, user, password):
-        """True for the first thread to check these credentials now; another
-        waits until that check ends, then gets False. A burst of one client's
-        good credentials (at start, after a reload) then pays one slow hash
-        and counts no guesses, instead of running out of its allowance."""
+        """True for the first thread to check these credentials now. Another
+        waits until that check has ended (which is bounded: a check slot within
+        REQUEST_TIMEOUT_SECONDS, then one hash), then gets False; or the 503 it
+        ended with, as no slot is free for this one either. A burst of one
+        client's good credentials (at start, after a reload, however slow the
+        check) so pays one slow hash and counts no guesses."""
         key = self._cache_key_of(user, password)
         with self._lock:
-            done = self._checking.get(key)
-            first = done is None
+            check = self._checking.get(key)
+            first = check is None
             if first:
-                done = self._checking[key] = threading.Event()
+                check = self._checking[key] = _Check()
         if not first:
-            done.wait(REQUEST_TIMEOUT_SECONDS)
+            if not check.done.wait(2 * REQUEST_TIMEOUT_SECONDS) or check.unavailable:
+                raise too_many_checks()
             yield False
             return
         try:
             yield True
+        except HTTPError as error:
+            check.unavailable = error.status == 503
+            raise
         finally:
             with self._lock:
                 del self._checking[key]
-            done.set()
+            check.done.set()
 
     def check(self, user, password, now):
         """None when the credentials are good, else why not (for the log): one
         slow hash, whoever the user."""
         expected = self.hashes.get(user)
         if not self.checks_at_once.acquire(timeout=REQUEST_TIMEOUT_SECONDS):
-            raise HTTPError(503, "temporarily_unavailable", "too many password checks at once",
-                            headers=[("Retry-After", "1")])
+            raise too_many_checks()
         try:
             matches = (expected or self._dummy).matches(password)
         finally:
@@ -2380,19 +2399,24 @@ _LOG_ESCAPES.update({ord('"'): '\\"', ord("\\"): "\\\\"})
 _quoted = json.JSONEncoder().encode  # "...", escaped: one safe token in a log line
 
 
-_QUERY = re.compile(r"\?[^ ]*")
+# Where a secret can sit in what looks like a request line: user info, a
+# query, a fragment, a form's value (the body of a request framed short, read
+# as the next request line).
+_USER_INFO = re.compile(r"//[^/ ]*@")
+_AFTER_MARK = re.compile(r"([?#=]).*?(?= HTTP/[0-9]|$)")
 
 
 def logged_request_line(head, line=b""):
-    """The request line, as far as it was read, escaped for a log line. A
-    query is left out: no endpoint reads one, and a client may put a secret
-    there (RFC 6749 §2.3.1 forbids it, but clients get it wrong)."""
+    """The request line, as far as it was read, escaped for a log line, and
+    with what may hold a secret left out: no endpoint reads a query, and
+    clients put secrets there (RFC 6749 §2.3.1 forbids it)."""
     if head is not None:
         text = "%s %s %s" % (head.method, head.target, head.version)
     else:
         text = bytes(line.lstrip(b"\r\n").partition(b"\n")[0]).rstrip(b"\r")
         text = text.decode("iso-8859-1") or "-"
-    return _QUERY.sub("?...", text[:MAX_LOGGED_LINE_CHARS]).translate(_LOG_ESCAPES)
+    text = _AFTER_MARK.sub(r"\1...", _USER_INFO.sub("//...@", text[:MAX_LOGGED_LINE_CHARS]))
+    return text.translate(_LOG_ESCAPES)
 
 
 class RequestHandler(socketserver.StreamRequestHandler):
@@ -2421,6 +2445,10 @@ class RequestHandler(socketserver.StreamRequestHandler):
                 if body is None:
                     return
                 answer = self._answer(body)
+                if answer[0] == 411:  # a body may follow that nothing frames: never a request
+                    self._send(*answer, close=True)
+                    self._linger()
+                    return
                 close = not self.head.keep_alive or self.server.stopping or answer[0] == 500
                 self._send(*answer, close=close)
                 if close:

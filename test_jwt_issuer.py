@@ -2465,7 +2465,8 @@ HOSTILE_REQUESTS = [
     ("nested 2000 deep", post(b"[" * 2000 + b"]" * 2000), [400]),
     ("body over 4 KiB", post(json_bytes({"name": "a" * 5000})) + FOLLOW_UP, [413]),
     # no length is a length of 0 (RFC 9112 §6.3): the body is then the next request, not HTTP
-    ("no Content-Length", post(BODY, length=False), [411, 400]),
+    # closed after the 411: the body that nothing frames is never read as a request
+    ("no Content-Length", post(BODY, length=False), [411]),
     ("Content-Length -1", post(BODY, length=b"-1") + FOLLOW_UP, [400]),
     ("Content-Length abc", post(BODY, length=b"abc") + FOLLOW_UP, [400]),
     ("Content-Length +19", post(BODY, length=b"+19") + FOLLOW_UP, [400]),
@@ -4210,6 +4211,62 @@ class ClientCredentialsTest(TempDirTestCase):
         self.assertIn('"POST /auth/token?... HTTP/1.1" 400', lines)
         self.assertIn('"GET /healthz?... HTTP/1.1" 200', lines)
         self.assertNotIn("TopSecret", lines)
+
+    def test_a_burst_that_finds_no_check_slot_is_told_so_and_counts_no_guess(self):
+        # Every check slot busy: the burst's first check waited 5 s for one and
+        # got 503; the others, tired of waiting, each took a guess and 9 of 20
+        # got 429 "too many failed logins" for good credentials.
+        with self.assertLogs("jwt_issuer", "INFO"):
+            self.server.service.reload()
+        slots = jwt_issuer.Users.checks_at_once
+        held = 0
+        while slots.acquire(blocking=False):
+            held += 1
+        try:
+            results = []
+            threads = [threading.Thread(target=lambda: results.append(self.grant(
+                {"grant_type": "client_credentials"}, basic_client("alice", SECRETS["alice"]))))
+                for _ in range(20)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+        finally:
+            for _ in range(held):
+                slots.release()
+        self.assertEqual([(status, body["error"], headers["Retry-After"])
+                          for status, headers, body in results],
+                         [(503, "temporarily_unavailable", "1")] * 20)
+        # and none was counted as a guess: the full allowance is there
+        for n in range(jwt_issuer.GUESSES_PER_USER[0]):
+            self.assertEqual(self.grant({"grant_type": "client_credentials"},
+                                        basic_client("alice", "guess %d" % n))[0], 401)
+        self.assertEqual(self.grant({"grant_type": "client_credentials"},
+                                    basic_client("alice", SECRETS["alice"]))[0], 429)
+
+    def test_no_secret_reaches_the_access_log_by_any_line(self):
+        secret = SECRETS["alice"].replace("'", "").replace(" ", "")
+        form = b"grant_type=client_credentials&client_id=alice&client_secret=" + secret.encode()
+        with self.assertLogs("jwt_issuer", "INFO") as logs:
+            # a form without Content-Length: 411, and the connection closed, so that
+            # its body is never read as the next request (and logged as its line)
+            answer = exchange(self.server, b"POST /auth/token HTTP/1.1\r\nHost: localhost\r\n"
+                              b"Content-Type: application/x-www-form-urlencoded\r\n\r\n"
+                              + form + b"\n")
+            self.assertEqual([status for status, _, _ in answer], [411])
+            # a body longer than its Content-Length: the rest is read as a request line
+            exchange(self.server, b"POST /auth/token HTTP/1.1\r\nHost: localhost\r\n"
+                     b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 10\r\n"
+                     b"\r\n" + form + b"\r\n\r\n")
+            for line in (b"POST http://alice:" + secret.encode() + b"@localhost/auth/token HTTP/1.1",
+                         b"POST /auth/token?client_id=alice&client_secret=a " + secret.encode()
+                         + b" HTTP/1.1",
+                         b"GET /auth/token#client_secret=" + secret.encode() + b" HTTP/1.1"):
+                exchange(self.server, line + b"\r\nHost: localhost\r\n\r\n")
+        lines = "\n".join(record.getMessage() for record in logs.records)
+        self.assertNotIn(secret, lines)
+        self.assertIn('"POST http://...@localhost/auth/token HTTP/1.1" 400', lines)
+        self.assertIn('"GET /auth/token#... HTTP/1.1" 404', lines)
 
     def test_the_same_limiter_and_audit_line_as_the_json_form(self):
         grant = {"grant_type": "client_credentials"}
