@@ -789,10 +789,11 @@ def parse_claims_file(data):
         for name, value in claims.items():
             if not name:
                 raise ValueError("%s: a claim name must not be empty" % who)
-            if _folds(name) & set(ISSUER_CLAIMS):  # "EXP", "ſub", "ıat": verifiers fold case
+            folds = _folds(name)
+            if not folds.isdisjoint(ISSUER_CLAIMS):  # "EXP", "ſub", "ıat": verifiers fold case
                 raise ValueError("%s: claim %s is the issuer's own (in any case); it cannot "
                                  "be set here" % (who, _shown(name)))
-            if _folds(name) & {SCOPE, "scp"}:  # "scp": what Okta, Azure and Spring read too
+            if not folds.isdisjoint((SCOPE, "scp")):  # "scp": what Okta, Azure and Spring read too
                 if name != SCOPE:
                     raise ValueError("%s: claim %s: a scope is spelled %s, and is a ceiling "
                                      "that a token is granted within" % (
@@ -1916,24 +1917,33 @@ def authenticate(request):
     With an auth file, the HTTP Basic user; else, with a client CA, the
     client certificate's common name; with both, both are needed and the
     Basic user is the subject."""
-    issuer, subject = request.issuer, None
-    if issuer.config.tls_client_ca is not None:
-        subject = certificate_subject(request.connection)
-        if subject is None:
-            raise HTTPError(401, "invalid_client", "a client certificate is required")
-    users = issuer.users
-    if users is None:
+    subject = required_certificate(request)
+    if request.issuer.users is None:
         return subject
-    credentials = basic_credentials(request.head.fields.get("authorization"))
-    if credentials is None:
-        failure = "no credentials"
-    else:
-        failure = check_password(request.service.limiter, users, client_key(request.client),
-                                 *credentials, now=time.monotonic())
+    return password_login(request, basic_credentials(request.head.fields.get("authorization")))
+
+
+def required_certificate(request):
+    """With --tls-client-ca, the name of the client certificate, which is
+    required; without, None."""
+    if request.issuer.config.tls_client_ca is None:
+        return None
+    subject = certificate_subject(request.connection)
+    if subject is None:
+        raise HTTPError(401, "invalid_client", "a client certificate is required")
+    return subject
+
+
+def password_login(request, credentials, failure="no credentials", what="credentials"):
+    """The user of CREDENTIALS, (user, password) checked against the auth
+    file; or, for them or for FAILURE when there are none, a 401 that says
+    no more than "missing or wrong" WHAT, and a log line that says why."""
+    if credentials is not None:
+        failure = check_password(request.service.limiter, request.issuer.users,
+                                 client_key(request.client), *credentials, now=time.monotonic())
     if failure is not None:
         log.info("authentication failed from %s: %s", request.client, failure)
-        raise HTTPError(401, "invalid_client", "missing or wrong credentials",
-                        headers=[CHALLENGE])
+        raise HTTPError(401, "invalid_client", "missing or wrong " + what, headers=[CHALLENGE])
     return credentials[0]
 
 
@@ -2045,18 +2055,14 @@ def authenticate_client(request, form):
     if authorization is not None and secret is not None:
         raise HTTPError(400, "invalid_request", "a client authenticates one way, not by both "
                                                 "the Authorization header and client_secret")
-    by_certificate = issuer.config.tls_client_ca is not None
-    if by_certificate:
-        named = certificate_subject(request.connection)
-        if named is None:
-            raise HTTPError(401, "invalid_client", "a client certificate is required")
+    named = required_certificate(request)  # None without --tls-client-ca
     if issuer.users is None:
         if authorization is not None or secret is not None:
             raise HTTPError(400, "invalid_request", "this issuer checks no client secret (it "
                                                     "has no --auth-file): " + (
-                "the certificate names the client" if by_certificate
+                "the certificate names the client" if named is not None
                 else "client_id alone names the client"))
-        if by_certificate:
+        if named is not None:
             if client_id is not None and client_id != named:
                 raise HTTPError(401, "invalid_client", "client_id is not the certificate's name")
             return named
@@ -2066,6 +2072,7 @@ def authenticate_client(request, form):
         if problem:
             raise HTTPError(400, "invalid_request", "client_id " + problem)
         return client_id
+    credentials, failure = None, "no credentials"
     if authorization is not None:
         credentials, failure = basic_credentials(authorization), "no Basic credentials"
         try:  # RFC 6749 §2.3.1: the client's id and secret are form-encoded first
@@ -2084,16 +2091,7 @@ def authenticate_client(request, form):
         if client_id is None:
             raise HTTPError(400, "invalid_request", "client_secret needs a client_id")
         credentials = (client_id, secret)
-    else:
-        credentials, failure = None, "no credentials"
-    if credentials is not None:
-        failure = check_password(request.service.limiter, issuer.users,
-                                 client_key(request.client), *credentials, now=time.monotonic())
-    if failure is not None:
-        log.info("authentication failed from %s: %s", request.client, failure)
-        raise HTTPError(401, "invalid_client", "missing or wrong client credentials",
-                        headers=[CHALLENGE])
-    return credentials[0]
+    return password_login(request, credentials, failure, "client credentials")
 
 
 def mint(request, sub, audience, ttl, scope, client_id=None):
@@ -2892,9 +2890,9 @@ def run_worker(server, service, lifeline=None, ready=None):
     def watch():
         while True:
             came = signals.wait()
-            if came & set(STOP_SIGNALS):
+            if not came.isdisjoint(STOP_SIGNALS):
                 server.shutdown()  # waits for serve_forever(): never on its own thread
-            elif came & set(RELOAD_SIGNALS):
+            elif not came.isdisjoint(RELOAD_SIGNALS):
                 reloader.request()
 
     def watch_lifeline():
@@ -2967,14 +2965,14 @@ def supervise(server, service, count, ready):
         # What came since the last look, taken together: a stop wins over any
         # reload, and a burst of SIGHUPs is one reload, not one per signal.
         came = signals.wait(timeout)
-        if came & set(STOP_SIGNALS) and stopping_since is None:
+        if not came.isdisjoint(STOP_SIGNALS) and stopping_since is None:
             stopping_since = time.monotonic()
             restarts.clear()
             refuse_new_connections(server.socket)  # the workers serve what was queued
             server.server_close()
             for pid in workers:
                 os.kill(pid, signal.SIGTERM)
-        elif came & set(RELOAD_SIGNALS) and stopping_since is None:
+        elif not came.isdisjoint(RELOAD_SIGNALS) and stopping_since is None:
             service.reload()
             for pid in workers:
                 os.kill(pid, signal.SIGHUP)
