@@ -1013,6 +1013,19 @@ class DevVault:
         # dev mode writes a token file into $HOME: give it a home of its own
         self.home = tempfile.mkdtemp(prefix="jwt-issuer-vault-")
         self.log = open(os.path.join(self.home, "server.log"), "w+b")
+        # free_port() can lose its port to another process before the server binds it
+        for attempt in range(3):
+            if self._start(binary):
+                return
+            log = self.server_log
+            if "address already in use" not in log:
+                break
+        self.stop()
+        raise AssertionError("%s did not start:\n%s" % (binary, log))
+
+    def _start(self, binary):
+        self.log.seek(0)
+        self.log.truncate()
         self.port = free_port()
         self.url = "http://127.0.0.1:%d" % self.port
         self.proc = subprocess.Popen(
@@ -1020,18 +1033,18 @@ class DevVault:
              "-dev-listen-address=127.0.0.1:%d" % self.port],
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
             env=dict(os.environ, HOME=self.home), start_new_session=True)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 90
         while True:
             try:
                 health = requests.get(self.url + "/v1/sys/health", timeout=1)
                 if health.status_code == 200:
                     self.version = health.json()["version"]
-                    return
+                    return True
             except requests.ConnectionError:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError("%s did not start:\n%s" % (binary, self.server_log))
+                self._terminate()
+                return False
             time.sleep(0.05)
 
     @property
@@ -1045,7 +1058,7 @@ class DevVault:
                                     headers={"X-Vault-Token": token} if token else {})
         return response.status_code, (response.json() if response.content else None)
 
-    def stop(self):
+    def _terminate(self):
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -1053,6 +1066,9 @@ class DevVault:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+    def stop(self):
+        self._terminate()
         self.log.close()
         shutil.rmtree(self.home, True)
 
