@@ -162,6 +162,19 @@ TLS12_CIPHERS = ("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
                  "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384:"
                  "DHE-RSA-CHACHA20-POLY1305")
 
+# Two-phase rotation (`rotate FILE`): a key is published PUBLISH_AHEAD before it
+# signs, so that every replica serves it and every verifier's cached JWKS holds
+# it first (PyJWKClient keeps keys 300 s; jose's remote key set and Dex's
+# max-age 600 s); a retired key stays published for the TTL its last tokens
+# live, plus the same margin (replicas still signing with it until they
+# reload, verifiers' expiry leeway: Vault's is 150 s). The times are the key
+# file's own members, which the JWKS never shows (RFC 7517 §4).
+DEFAULT_PUBLISH_AHEAD_SECONDS = 15 * 60
+ROTATION_MARGIN_SECONDS = 15 * 60  # --retire-after is the TTL plus this
+PUBLISHED_AT, RETIRED_AT = "published_at", "retired_at"  # NumericDate, as JWT's
+PUBLIC_MEMBERS = ("kty", "crv", "x", "y", "kid", "alg", "use")
+DEFAULT_RELOAD_INTERVAL_SECONDS = 5  # how often the files are looked at for a change
+
 # RFC 7638 thumbprint of key.json.example, which anyone can read: a server
 # signing with it (or publishing it) trusts tokens that anyone can forge.
 EXAMPLE_KEY_THUMBPRINT = "-1acZp7liNvJSVq6F1Iy3paaPtcojZJSg1ORYtjFCqQ"
@@ -427,6 +440,74 @@ def parse_key_file(data):
             # One bad key in a JWKS breaks every login at Vault: refuse the set.
             raise ValueError("key %d: %s" % (number, error)) from None
     return KeySet.from_keys(keys)
+
+
+def _utc(seconds):
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def _stamp(jwk, name):
+    value = jwk.get(name)
+    if value is not None and not (type(value) is int and value >= 0):
+        raise ValueError('key %s: "%s" must be a NumericDate (whole seconds since 1970)'
+                         % (jwk.get("kid"), name))
+    return value
+
+
+def rotation_step(document, new_key, now, publish_ahead, retire_after, force=False):
+    """One step of a two-phase rotation of a key file's JSON DOCUMENT, which the
+    server already accepts: ({"keys": [signer, next, retired...]}, what was done,
+    what FORCE overrode). The next key (NEW_KEY, a private JWK, stamped
+    published_at NOW) is published first and signs only at the step after;
+    the signer it replaces is retired, public parts only, and dropped a step
+    later. A step that would sign with a key published less than PUBLISH_AHEAD
+    seconds, or drop one retired less than RETIRE_AFTER, raises ValueError
+    saying when it will be safe, unless FORCE."""
+    keys = document["keys"] if "keys" in document else [document]
+    private = [key for key in keys if "d" in key]
+    retired = [key for key in keys if "d" not in key]
+    if len(private) > 2:
+        raise ValueError("it holds %d private keys; a rotated file holds two, the signing key "
+                         "and the next one" % len(private))
+    for key in keys:
+        _stamp(key, PUBLISHED_AT), _stamp(key, RETIRED_AT)
+    # a retired key of unknown age (a hand-made set) is kept a whole step from now
+    unstamped = [dict(key, **{RETIRED_AT: now}) for key in retired if RETIRED_AT not in key]
+    next_key = dict(new_key, **{PUBLISHED_AT: now})
+    if len(private) == 1:
+        return ({"keys": [private[0], next_key] + retired + unstamped}, [
+            "published kid %s as the next key: it may sign from %s"
+            % (next_key["kid"], _utc(now + publish_ahead))], [])
+    signer, promoted = private
+    waits = []  # (when it is safe, why not now)
+    published = promoted.get(PUBLISHED_AT)
+    if published is None:
+        waits.append((None, "the next key %s has no %s" % (promoted.get("kid"), PUBLISHED_AT)))
+    elif now < published + publish_ahead:
+        waits.append((published + publish_ahead, "the next key %s was published at %s, %d s "
+                      "ago (--publish-ahead %d)" % (promoted.get("kid"), _utc(published),
+                                                     now - published, publish_ahead)))
+    dropped = [key for key in retired if RETIRED_AT in key]
+    for key in dropped:
+        if now < key[RETIRED_AT] + retire_after:
+            waits.append((key[RETIRED_AT] + retire_after, "kid %s was retired at %s, %d s ago "
+                          "(--retire-after %d)" % (key.get("kid"), _utc(key[RETIRED_AT]),
+                                                  now - key[RETIRED_AT], retire_after)))
+    reasons = [why for _, why in waits]
+    if waits and not force:
+        times = [when for when, _ in waits]
+        safe = ("never by itself" if None in times else
+                "%s (in %d s)" % (_utc(max(times)), max(times) - now))
+        raise ValueError("not safe before %s: %s; --force rotates anyway"
+                         % (safe, "; ".join(reasons)))
+    retiring = {name: signer[name] for name in PUBLIC_MEMBERS if name in signer}
+    retiring[RETIRED_AT] = now
+    done = ["signing with kid %s" % promoted.get("kid"),
+            "published kid %s as the next key: it may sign from %s"
+            % (next_key["kid"], _utc(now + publish_ahead)),
+            "retired kid %s: published until %s" % (signer.get("kid"), _utc(now + retire_after))]
+    done += ["dropped kid %s" % key.get("kid") for key in dropped]
+    return {"keys": [promoted, next_key, retiring] + unstamped}, done, reasons
 
 
 # ---------------------------------------------------------------- the pure core: claims and signing
@@ -1174,6 +1255,58 @@ def parse_head(data):
                        keep_alive, expect_continue)
 
 
+def _ip(text):
+    """TEXT as an ip_address, an IPv4-mapped IPv6 one as IPv4; None if it is none."""
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    return ip.ipv4_mapped or ip if ip.version == 6 else ip
+
+
+def trusted_proxy(address, networks):
+    """ADDRESS as an ip_address when it is in one of the trusted NETWORKS; else None."""
+    ip = _ip(address) if networks else None
+    return ip if ip is not None and any(ip in network for network in networks) else None
+
+
+# A node of X-Forwarded-For, or of Forwarded's for= (RFC 7239 §6): an address,
+# an IPv6 one in brackets, either with a port. "unknown" and obfuscated names
+# ("_hidden") name no address.
+_NODE = re.compile(r'(")?(?:\[(?P<bracketed>[0-9A-Fa-f:.]+)\]|(?P<ipv4>[0-9.]+)'
+                   r'|(?P<ipv6>[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*))(?(bracketed)(?::[0-9]{1,5})?|'
+                   r'(?(ipv4)(?::[0-9]{1,5})?))(?(1)")')
+MAX_FORWARDED_HOPS = 16  # trusted proxies walked through, at most
+_FORWARDED_FOR = re.compile(r'(?:^|;)\s*for\s*=\s*("[^"]*"|[^;]*)', re.I)
+
+
+def forwarded_client(fields, proxy, trusted):
+    """Whom a request from the trusted PROXY (an ip_address) is for: walking
+    X-Forwarded-For, else RFC 7239 Forwarded, from the right (the hops the
+    proxies added), the first address that is not TRUSTED; when every one
+    walked is, the last. A header that is missing or names no address where the walk
+    needs one: the proxy itself. A string."""
+    if "x-forwarded-for" in fields:
+        nodes = fields["x-forwarded-for"].split(",")
+    elif "forwarded" in fields:
+        nodes = []
+        for element in fields["forwarded"].split(","):
+            found = _FORWARDED_FOR.search(element)
+            nodes.append(found.group(1) if found else "")
+    else:
+        return str(proxy)
+    client = None
+    for node in reversed(nodes[-MAX_FORWARDED_HOPS:]):
+        found = _NODE.fullmatch(node.strip())
+        client = found and _ip(found.group("bracketed") or found.group("ipv4")
+                               or found.group("ipv6"))
+        if client is None:
+            return str(proxy)
+        if not any(client in network for network in trusted):
+            break
+    return str(client)
+
+
 REASONS = {status.value: status.phrase for status in HTTPStatus}
 JSON_TYPE = "application/json"
 NO_STORE = (("Cache-Control", "no-store"), ("Pragma", "no-cache"))  # RFC 6749 §5.1
@@ -1246,6 +1379,28 @@ def _names(texts, source):
     return tuple(texts)
 
 
+def _seconds(text, source):
+    try:
+        seconds = float(text) if re.fullmatch(r"[0-9]{1,6}(\.[0-9]{1,3})?", text) else -1
+    except ValueError:
+        seconds = -1
+    if seconds < 0:
+        raise ConfigError("%s must be seconds, from 0 to 999999 with up to 3 decimals, not %s"
+                          % (source, json.dumps(text)[:40]))
+    return seconds
+
+
+def _networks(texts, source):
+    networks = []
+    for text in texts:
+        try:
+            networks.append(ipaddress.ip_network(text.strip(), strict=False))
+        except ValueError:
+            raise ConfigError("%s must be an IP address or a CIDR block such as 10.0.0.0/8, "
+                              "not %s" % (source, json.dumps(text)[:60])) from None
+    return tuple(networks)
+
+
 @dataclass(frozen=True)
 class Option:
     """A setting: its flag, and its environment variable JWT_ISSUER_<FLAG>."""
@@ -1300,6 +1455,15 @@ OPTIONS = (
     Option("--tls-client-ca", "tls_client_ca", "FILE", _file, "none",
            "PEM CA: POST /auth/token then needs a client certificate it signed, whose common "
            "name is the subject unless --auth-file is on too"),
+    Option("--reload-interval", "reload_interval", "SECONDS", _seconds,
+           str(DEFAULT_RELOAD_INTERVAL_SECONDS),
+           "how often the key, claims, auth and TLS files are looked at: one that changed "
+           "(through a symlink too) reloads them all, as SIGHUP does; 0 turns this off"),
+    Option("--trusted-proxy", "trusted_proxies", "CIDR", _networks,
+           "none: the peer is the client",
+           "a proxy (address or CIDR block; repeatable) whose X-Forwarded-For, else Forwarded, "
+           "names the client: the rightmost address there that is not a trusted proxy counts "
+           "for the login limiter and the access log", repeat=True),
     Option("--allowed-host", "allowed_hosts", "NAME", _names,
            "with a loopback --host: localhost and the issuer's host",
            "a Host name to serve (repeatable); other names get 421, against DNS rebinding; "
@@ -1333,6 +1497,8 @@ class Config:
     tls_key: str = None
     tls_client_ca: str = None  # POST /auth/token needs a client certificate from this CA
     allowed_hosts: tuple = ()  # Host names served besides the loopback ones
+    reload_interval: float = DEFAULT_RELOAD_INTERVAL_SECONDS  # 0: only SIGHUP reloads
+    trusted_proxies: tuple = ()  # ip_network: peers whose forwarding headers name the client
 
     def __post_init__(self):
         if not self.host:
@@ -1429,8 +1595,15 @@ def read_file(path, what, limit):
 
 def write_new_file(path, data):
     """Write data to a new file, mode 0600, all or nothing, never over an
-    existing file: a temp file in the same directory, fsync, then link(),
-    which unlike rename() fails if the name is taken."""
+    existing file: link(), unlike rename(), fails if the name is taken."""
+    write_file(path, data, install=os.link)
+
+
+def write_file(path, data, mode=0o600, install=os.replace):
+    """Write DATA to PATH all or nothing, so that a reader sees the old file
+    or the new one, never half: a temp file in the same directory (mode 0600
+    until the data is in, then MODE), fsync, INSTALL (rename or link) at PATH,
+    fsync of the directory."""
     import tempfile
     directory = os.path.dirname(path) or "."
     try:
@@ -1439,10 +1612,12 @@ def write_new_file(path, data):
             with os.fdopen(fd, "wb") as temp:
                 temp.write(data)
                 temp.flush()
+                os.fchmod(temp.fileno(), mode)
                 os.fsync(temp.fileno())
-            os.link(temp_path, path)
+            install(temp_path, path)
         finally:
-            os.unlink(temp_path)
+            with contextlib.suppress(FileNotFoundError):  # renamed away
+                os.unlink(temp_path)
         directory_fd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(directory_fd)
@@ -1503,6 +1678,54 @@ def load_claims(path):
         return parse_claims_file(data)
     except ValueError as error:
         raise ConfigError("claims file %s: %s" % (path, error)) from None
+
+
+def watched_files(config):
+    """The files a reload reads."""
+    return tuple(path for path in (config.key_path, config.claims_file, config.auth_file,
+                                   config.tls_cert, config.tls_key, config.tls_client_ca)
+                 if path is not None)
+
+
+def file_signature(path):
+    """What changes when the file at PATH does: which file it is, its size and
+    times, through symlinks (a Kubernetes Secret volume swaps its ..data link);
+    or, when it cannot be seen, why not."""
+    try:
+        status = os.stat(path)
+    except OSError as error:
+        return error.errno
+    return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns
+
+
+class FileWatcher:
+    """PATHS, looked at every INTERVAL seconds. A look comes before the read it
+    may lead to, so that a change made during a read is seen at the next look."""
+
+    def __init__(self, paths, interval):
+        self.paths, self.interval = paths, interval
+        self._seen = self._look()
+        self._next = time.monotonic() + interval
+
+    def _look(self):
+        return {path: file_signature(path) for path in self.paths}
+
+    def look_now(self):
+        """Before a reload that a signal asked for: what it reads is what is seen."""
+        self._seen = self._look()
+
+    def missing_found(self):
+        """Take as seen a file that was missing at the first look: the key file made at start."""
+        self._seen.update((path, file_signature(path)) for path, seen in self._seen.items()
+                          if isinstance(seen, int))
+
+    def changed(self, now):
+        """When a look is due, the files changed since the last one; else none."""
+        if now < self._next:
+            return []
+        self._next = now + self.interval
+        seen, self._seen = self._seen, self._look()
+        return [path for path in self.paths if self._seen[path] != seen[path]]
 
 
 def _no_passphrase(path):
@@ -1893,16 +2116,26 @@ class Service:
     """What the endpoints share: the Issuer in use, replaced whole by
     reload(), and what lasts across reloads: the guess limiter, metrics."""
 
-    def __init__(self, issuer, metrics):
+    def __init__(self, issuer, metrics, watcher=None):
         self.issuer = issuer
         self.metrics = metrics
+        self.watcher = watcher  # None: only SIGHUP reloads
         self.limiter = FailureLimiter()
         self._reload_lock = threading.Lock()
+
+    def files_changed(self):
+        """Whether a watched file changed since the last look; said once in the log."""
+        changed = self.watcher.changed(time.monotonic()) if self.watcher is not None else ()
+        if changed:
+            log.info("%s changed: reloading", ", ".join(changed))
+        return bool(changed)
 
     def reload(self):
         """Read the key, claims, auth and TLS files again (SIGHUP). Each bad one keeps
         what is in use, and the log says why."""
         with self._reload_lock:
+            if self.watcher is not None:
+                self.watcher.look_now()
             self.issuer, reloaded, keys_loaded = load_issuer(self.issuer.config, self.issuer)
             self.metrics.reloaded(keys_loaded)
             for line in reloaded:
@@ -2429,7 +2662,8 @@ class RequestHandler(socketserver.StreamRequestHandler):
 
     def __init__(self, request, client_address, server, slot=None):
         self.slot = slot or Slot(request, client_address[0])  # in memory: no server to enforce it
-        self.started = time.perf_counter()
+        self.client = client_address[0]  # of the request: the peer, or whom its proxy names
+        self.proxy = trusted_proxy(self.client, server.trusted_proxies)
         super().__init__(request, client_address, server)
 
     def handle(self):
@@ -2484,6 +2718,8 @@ class RequestHandler(socketserver.StreamRequestHandler):
                 head = parse_head(buffer)
         del buffer[:head.size]
         self.head = head
+        if self.proxy is not None:  # each request: a proxy's connection carries many clients
+            self.client = forwarded_client(head.fields, self.proxy, server.trusted_proxies)
         if head.expect_continue and head.content_length > len(buffer):
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # RFC 9110 §10.1.1
         while len(buffer) < head.content_length:
@@ -2500,7 +2736,7 @@ class RequestHandler(socketserver.StreamRequestHandler):
         self.slot.enter(WORKING, NO_DEADLINE)
         service = self.server.service
         try:
-            return dispatch(Request(self.head, body, self.client_address[0], self.connection,
+            return dispatch(Request(self.head, body, self.client, self.connection,
                                     service.issuer, service))
         except HTTPError as error:
             return error_answer(error)
@@ -2517,7 +2753,7 @@ class RequestHandler(socketserver.StreamRequestHandler):
         answer = render_answer(status, content_type, body, headers, connection,
                                http_date(time.time()), head is None or head.method != "HEAD")
         seconds = time.perf_counter() - self.started
-        log_line(logging.INFO, '%s "%s" %d %d %.1fms', self.client_address[0],
+        log_line(logging.INFO, '%s "%s" %d %d %.1fms', self.client,
                  logged_request_line(head, line), status, len(body), seconds * 1000)
         self.server.service.metrics.answered(
             head.path if head is not None and head.path in ALLOWED_METHODS else "other",
@@ -2582,6 +2818,14 @@ TOO_BUSY = HTTPError(503, "temporarily_unavailable", "too many connections",
                      headers=[("Retry-After", "1")])
 
 
+def slot_client(address, trusted_proxies):
+    """Whom a connection's slot counts for: its client (client_key), or, for a
+    trusted proxy, which carries many clients, each of its connections apart."""
+    if trusted_proxy(address[0], trusted_proxies):
+        return ("proxied",) + tuple(address)
+    return client_key(address[0])
+
+
 class IssuerServer(ThreadingHTTPServer):
     """The listening socket and a thread per connection, each holding a Slot:
     admission, deadlines and the drain on stop. What is answered is self.service's."""
@@ -2589,7 +2833,7 @@ class IssuerServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False  # drain() waits for requests in flight, with a deadline
     request_queue_size = LISTEN_BACKLOG
-    service = None  # set before serving
+    service, trusted_proxies = None, ()  # set before serving
     idle_timeout, request_timeout, write_timeout = (IDLE_TIMEOUT_SECONDS, REQUEST_TIMEOUT_SECONDS,
                                                      WRITE_TIMEOUT_SECONDS)
 
@@ -2632,7 +2876,7 @@ class IssuerServer(ThreadingHTTPServer):
                                                   do_handshake_on_connect=False)
             except (OSError, ValueError):
                 return self.shutdown_request(request)
-        slot = Slot(request, client_key(client_address[0]), *(
+        slot = Slot(request, slot_client(client_address, self.trusted_proxies), *(
             (IDLE, self.idle_timeout) if tls_context is None else (HANDSHAKE, self.request_timeout)))
         evicted = self.slots.admit(slot)
         if evicted is None:
@@ -2881,9 +3125,10 @@ class Reloader:
 
 
 def run_worker(server, service, lifeline=None, ready=None):
-    """Serve until SIGTERM or SIGINT, then drain; SIGHUP reloads. A worker of
-    --workers also stops when LIFELINE (a pipe its supervisor holds open) ends:
-    the supervisor is gone, and with it whoever would stop or replace it."""
+    """Serve until SIGTERM or SIGINT, then drain; SIGHUP, or a change of a
+    watched file, reloads. A worker of --workers also stops when LIFELINE (a
+    pipe its supervisor holds open) ends: the supervisor is gone, and with it
+    whoever would stop or replace it. Its supervisor watches the files for it."""
     signals = Signals(STOP_SIGNALS + RELOAD_SIGNALS)
     reloader = Reloader(service)
 
@@ -2892,7 +3137,8 @@ def run_worker(server, service, lifeline=None, ready=None):
             came = signals.wait()
             if not came.isdisjoint(STOP_SIGNALS):
                 server.shutdown()  # waits for serve_forever(): never on its own thread
-            elif not came.isdisjoint(RELOAD_SIGNALS):
+            elif not came.isdisjoint(RELOAD_SIGNALS) or (
+                    lifeline is None and service.files_changed()):
                 reloader.request()
 
     def watch_lifeline():
@@ -2972,7 +3218,8 @@ def supervise(server, service, count, ready):
             server.server_close()
             for pid in workers:
                 os.kill(pid, signal.SIGTERM)
-        elif not came.isdisjoint(RELOAD_SIGNALS) and stopping_since is None:
+        elif stopping_since is None and (not came.isdisjoint(RELOAD_SIGNALS)
+                                         or service.files_changed()):
             service.reload()
             for pid in workers:
                 os.kill(pid, signal.SIGHUP)
@@ -3048,15 +3295,20 @@ def start_server(config):
     except OSError as error:
         raise ConfigError("cannot listen on %s port %d: %s"
                           % (config.host, config.port, error.strerror or error)) from None
+    watcher = (FileWatcher(watched_files(config), config.reload_interval)
+               if config.reload_interval else None)  # before the first read
     try:  # after the bind: a start that fails there makes no key file
         config = config.bound_to(server.server_address[1])
         issuer, _, _ = load_issuer(config)
     except BaseException:
         server.server_close()
         raise
+    if watcher is not None:
+        watcher.missing_found()
     metrics = Metrics(config.workers + 1 if config.workers > 1 else 1)
     metrics.use_row(config.workers if config.workers > 1 else 0)  # the supervisor's is last
-    server.service = Service(issuer, metrics)
+    server.service = Service(issuer, metrics, watcher)
+    server.trusted_proxies = config.trusted_proxies
     return server, server.service
 
 
@@ -3106,7 +3358,8 @@ def build_parser():
                "unset. Without --auth-file or --tls-client-ca the token endpoint is open: "
                "whoever reaches it can mint a token for any subject, so it listens on "
                "127.0.0.1 unless told otherwise. SIGHUP reloads the key, claims, auth and TLS "
-               "files; SIGTERM and SIGINT stop gracefully.",
+               "files, as a change of one of them does (--reload-interval); SIGTERM and SIGINT "
+               "stop gracefully.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
     for option in OPTIONS:
@@ -3134,6 +3387,28 @@ def build_parser():
                     "stdin) and print its scrypt hash, or USER:HASH, a line for --auth-file.")
     hash_command.add_argument("user", nargs="?", metavar="USER",
                               help="print USER:HASH rather than the hash alone")
+    rotate = commands.add_parser(
+        "rotate", help="one step of a two-phase key rotation of a JWK Set file",
+        description="One step of a two-phase rotation of the key file FILE, a JWK Set, "
+                    "rewritten whole (mode kept): the next key, published since the last step, "
+                    "starts signing; the signing key is retired, still published; a new next "
+                    "key is published; keys retired at the last step are dropped. The first "
+                    "step on a single key only publishes the next key; a missing FILE gets a "
+                    "new signing key and a next key. A step that is not yet safe is refused, "
+                    "with the time it will be. The issuer rereads the file on SIGHUP, or by "
+                    "itself with --reload-interval.")
+    rotate.add_argument("file", metavar="FILE", help="the key file the issuer serves (--key)")
+    rotate.add_argument("--publish-ahead", metavar="SECONDS",
+                        default=str(DEFAULT_PUBLISH_AHEAD_SECONDS),
+                        help="how long a key is published before it may sign (default %d)"
+                        % DEFAULT_PUBLISH_AHEAD_SECONDS)
+    rotate.add_argument("--retire-after", metavar="SECONDS",
+                        help="how long a retired key stays published (default: the TTL, from "
+                             "--ttl or JWT_ISSUER_TTL, plus %d)" % ROTATION_MARGIN_SECONDS)
+    rotate.add_argument("--ttl", metavar="SECONDS", dest="rotate_ttl",
+                        help="the issuer's token lifetime, for the default --retire-after")
+    rotate.add_argument("--force", action="store_true",
+                        help="rotate even when it is not yet safe: tokens may fail to verify")
     return parser
 
 
@@ -3156,6 +3431,40 @@ def pem_to_jwk(path):
         return private_jwk(parse_pem_private_key(data))
     except ValueError as error:
         raise ConfigError("%s: %s" % (path or "stdin", error)) from None
+
+
+def rotate_key_file(path, publish_ahead, retire_after, force):
+    """`rotate`: one step on the key file at PATH (through a symlink, the file
+    it names), written whole over it with its mode; a new file has mode 0600."""
+    target = os.path.realpath(path)
+    now = int(time.time())
+    if not os.path.lexists(path):
+        keys = [private_jwk(ec.generate_private_key(P256)) for _ in range(2)]
+        keys[0][PUBLISHED_AT] = keys[1][PUBLISHED_AT] = now
+        write_file(target, json_bytes({"keys": keys}) + b"\n", install=os.link)
+        print("made %s: signing with kid %s; published kid %s as the next key: it may sign "
+              "from %s" % (path, keys[0]["kid"], keys[1]["kid"], _utc(now + publish_ahead)),
+              file=sys.stderr)
+        return 0
+    data, mode = read_file(target, "key file", MAX_KEY_FILE_BYTES)
+    if data.lstrip().startswith(b"-----BEGIN"):
+        raise ConfigError("%s is a PEM key, and rotate works on a JWK Set: convert it first, "
+                          "python3 jwt_issuer.py pem2jwk %s -o key.json, then serve and rotate "
+                          "key.json" % (path, path))
+    try:
+        parse_key_file(data)  # what the server accepts, and nothing else
+        rotated, done, overridden = rotation_step(
+            parse_json(data), private_jwk(ec.generate_private_key(P256)), now,
+            publish_ahead, retire_after, force)
+        text = json.dumps(rotated, indent=2).encode() + b"\n"
+        parse_key_file(text)
+    except ValueError as error:
+        raise ConfigError("key file %s: %s" % (path, error)) from None
+    for reason in overridden:
+        print("rotating with --force: %s" % reason, file=sys.stderr)
+    write_file(target, text, stat.S_IMODE(mode))
+    print("rotated %s: %s" % (path, "; ".join(done)), file=sys.stderr)
+    return 0
 
 
 def read_password():
@@ -3211,6 +3520,15 @@ def main(argv=None, environ=None):
             return write_jwk(pem_to_jwk(args.file), args.output)
         if args.command == "hash-password":
             return print_password_hash(args.user)
+        if args.command == "rotate":
+            seconds = _integer(0, 10 ** 10)
+            ttl = _integer(1, 10 ** 10)(
+                args.rotate_ttl or args.ttl or environ.get("JWT_ISSUER_TTL")
+                or str(DEFAULT_TTL_SECONDS), "--ttl")
+            retire_after = (ttl + ROTATION_MARGIN_SECONDS if args.retire_after is None
+                            else seconds(args.retire_after, "--retire-after"))
+            return rotate_key_file(args.file, seconds(args.publish_ahead, "--publish-ahead"),
+                                   retire_after, args.force)
         return serve(Config.from_args(args, environ))
     except ConfigError as error:
         print("jwt_issuer: error: %s" % error, file=sys.stderr, flush=True)

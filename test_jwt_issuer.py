@@ -376,6 +376,14 @@ class Process:
     def log(self):
         return "".join(self.lines)
 
+    def settled_log(self):
+        """The log with every line written before this call: a request of its
+        own is answered after them, and its access line comes after theirs."""
+        marker = "/settled-%s" % os.urandom(8).hex()
+        self.get(marker)
+        self.wait_for(re.escape(marker))
+        return self.log
+
     def children(self):
         with open("/proc/%d/task/%d/children" % (self.proc.pid, self.proc.pid)) as f:
             return [int(child) for child in f.read().split()]
@@ -5260,7 +5268,7 @@ class ProcessTest(TempDirTestCase):
             (["pem2jwk", self.write("bad.pem", b"not a pem")], {},
              "%s: not a readable PEM private key" % os.path.join(self.dir, "bad.pem")),
             (["nonsense"], {}, "argument COMMAND: invalid choice: 'nonsense' "
-                               "(choose from 'genkey', 'pem2jwk', 'hash-password')"),
+                               "(choose from 'genkey', 'pem2jwk', 'hash-password', 'rotate')"),
         ]
         results = run_commands([(argv, environ) for argv, environ, _ in cases], cwd=self.dir)
         for (argv, environ, message), result in zip(cases, results):
@@ -5406,6 +5414,403 @@ class WorkersTest(TempDirTestCase):
 
         process.wait_for("worker [12]: the supervising process is gone; stopping")
         eventually(lambda: not any(alive(pid) for pid in workers), timeout=5)
+
+
+# ---------------------------------------------------------------- several instances: rotate, reload on change, proxies
+
+def kids_of(document):
+    return [key["kid"] for key in document["keys"]]
+
+
+class RotationStepTest(unittest.TestCase):
+    """rotation_step, the pure core of `rotate`: what a step does, and what it refuses."""
+
+    def setUp(self):
+        self.keys = [private_jwk(new_key()) for _ in range(4)]
+
+    def step(self, document, now, new=None, publish_ahead=900, retire_after=4500, force=False):
+        return jwt_issuer.rotation_step(document, new or private_jwk(new_key()), now,
+                                        publish_ahead, retire_after, force)
+
+    def test_the_first_step_on_a_single_key_only_publishes_the_next(self):
+        signer, new = self.keys[0], self.keys[1]
+        rotated, done, forced = self.step(signer, 1000, new)
+        self.assertEqual(rotated, {"keys": [signer, dict(new, published_at=1000)]})
+        self.assertEqual(forced, [])
+        self.assertIn("published kid %s as the next key: it may sign from 1970-01-01T00:31:40Z"
+                      % new["kid"], done[0])
+        served = jwt_issuer.parse_key_file(json.dumps(rotated).encode())
+        self.assertEqual(served.kid, signer["kid"])  # the next key does not sign yet
+        self.assertEqual(served.kids, (signer["kid"], new["kid"]))
+
+    def test_a_step_promotes_retires_publishes_and_drops(self):
+        a, b, c, d = self.keys
+        first, _, _ = self.step(a, 0, b)
+        second, done, _ = self.step(first, 900, c)
+        self.assertEqual(kids_of(second), [b["kid"], c["kid"], a["kid"]])
+        self.assertNotIn("d", second["keys"][2])  # retired: public parts only
+        self.assertEqual(second["keys"][2]["retired_at"], 900)
+        self.assertEqual(set(second["keys"][2]), {"kty", "crv", "x", "y", "kid", "retired_at"})
+        third, done, _ = self.step(second, 900 + 4500, d)
+        self.assertEqual(kids_of(third), [c["kid"], d["kid"], b["kid"]])  # a is dropped
+        self.assertIn("dropped kid %s" % a["kid"], done)
+        served = jwt_issuer.parse_key_file(json.dumps(third).encode())
+        self.assertEqual((served.kid, served.kids), (c["kid"], tuple(kids_of(third))))
+
+    def test_too_early_is_refused_with_when_it_will_be_safe(self):
+        a, b, c = self.keys[:3]
+        first, _, _ = self.step(a, 0, b)
+        with self.assertRaises(ValueError) as caught:
+            self.step(first, 899, c)
+        self.assertEqual(str(caught.exception),
+                         "not safe before 1970-01-01T00:15:00Z (in 1 s): the next key %s was "
+                         "published at 1970-01-01T00:00:00Z, 899 s ago (--publish-ahead 900); "
+                         "--force rotates anyway" % b["kid"])
+        second, _, _ = self.step(first, 900, c)
+        with self.assertRaises(ValueError) as caught:  # a retired at 900 is dropped at the next
+            self.step(second, 900 + 4499, publish_ahead=0)
+        self.assertIn("not safe before 1970-01-01T01:30:00Z (in 1 s): kid %s was retired at "
+                      "1970-01-01T00:15:00Z, 4499 s ago (--retire-after 4500)" % a["kid"],
+                      str(caught.exception))
+        rotated, _, forced = self.step(second, 900 + 4499, publish_ahead=0, force=True)
+        self.assertNotIn(a["kid"], kids_of(rotated))
+        self.assertEqual(len(forced), 1)
+
+    def test_a_next_key_of_unknown_age_needs_force_and_retired_ones_are_kept_a_step(self):
+        a, b, c, d = self.keys
+        hand_made = {"keys": [a, b, {k: c[k] for k in ("kty", "crv", "x", "y", "kid")}]}
+        with self.assertRaises(ValueError) as caught:
+            self.step(hand_made, 5000)
+        self.assertIn("not safe before never by itself: the next key %s has no published_at"
+                      % b["kid"], str(caught.exception))
+        rotated, _, _ = self.step(hand_made, 5000, d, force=True)
+        # the retired key of unknown age stays, stamped now; the old signer is retired too
+        self.assertEqual(kids_of(rotated), [b["kid"], d["kid"], a["kid"], c["kid"]])
+        self.assertEqual([key.get("retired_at") for key in rotated["keys"][2:]], [5000, 5000])
+
+    def test_files_not_in_the_shape_of_a_rotation_are_refused(self):
+        three = {"keys": self.keys[:3]}
+        with self.assertRaisesRegex(ValueError, "it holds 3 private keys; a rotated file holds two"):
+            self.step(three, 0)
+        stamped = dict(self.keys[0], published_at="yesterday")
+        with self.assertRaisesRegex(ValueError, '"published_at" must be a NumericDate'):
+            self.step(stamped, 0)
+
+
+class RotateCommandTest(TempDirTestCase):
+    """python jwt_issuer.py rotate FILE, as cron or a systemd timer runs it."""
+
+    def rotate(self, path, *flags):
+        return run_command("rotate", path, *flags)
+
+    def read(self, path):
+        with open(path) as f:
+            return json.load(f)
+
+    def test_three_steps_on_a_served_file_and_the_jwks_never_shows_the_times(self):
+        path = self.key_file()
+        os.chmod(path, 0o640)  # the mode is kept, whatever it is
+        issuer = self.start("--key", path, "--reload-interval", "0.1")
+        fast = ("--publish-ahead", "0", "--retire-after", "0")
+        for step in range(3):
+            before = self.read(path)
+            result = self.rotate(path, *fast)
+            self.assertEqual(result.returncode, 0, result.stderr)
+            after = self.read(path)
+            self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o640)
+            expected_kid = (before.get("keys") or [before])[1 if step else 0]["kid"]
+            eventually(lambda: kids_of(issuer.get("/auth/jwks").json()) == kids_of(after))
+            token = issuer.token()
+            self.assertEqual(segments(token)[0]["kid"], expected_kid)
+            jwks = issuer.get("/auth/jwks").json()
+            verify_with_pyjwt(token, jwks)
+            for member in jwks["keys"]:
+                self.assertEqual(set(member), {"kty", "crv", "x", "y", "use", "alg", "kid"})
+        self.assertEqual(len(self.read(path)["keys"]), 3)
+        self.assertNotIn("Traceback", issuer.log)
+
+    def test_refusals_exit_2_with_one_line(self):
+        path = self.key_file()
+        self.assertEqual(self.rotate(path).returncode, 0)
+        result = self.rotate(path)
+        self.assertEqual(result.returncode, 2)
+        lines = result.stderr.decode().splitlines()
+        self.assertEqual(len(lines), 1, lines)
+        self.assertRegex(lines[0], r"^jwt_issuer: error: key file .*: not safe before "
+                                   r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \(in 9\d\d s\): the next key")
+        forced = self.rotate(path, "--force")
+        self.assertEqual(forced.returncode, 0, forced.stderr)
+        self.assertIn(b"rotating with --force: the next key", forced.stderr)
+
+    def test_pem_files_missing_files_symlinks_and_bad_flags(self):
+        pem_path = self.write("key.pem", pem(new_key()))
+        result = self.rotate(pem_path)
+        self.assertEqual(result.returncode, 2)
+        self.assertIn(b"is a PEM key, and rotate works on a JWK Set: convert it first, "
+                      b"python3 jwt_issuer.py pem2jwk " + pem_path.encode(), result.stderr)
+        self.assertEqual(result.stderr.count(b"\n"), 1)
+
+        new_path = os.path.join(self.dir, "new.json")
+        result = self.rotate(new_path)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(stat.S_IMODE(os.stat(new_path).st_mode), 0o600)
+        made = self.read(new_path)
+        self.assertEqual(len(made["keys"]), 2)
+        self.assertTrue(all("d" in key and "published_at" in key for key in made["keys"]))
+
+        # a Kubernetes-style link: the file it names is rotated, the link stays
+        os.mkdir(os.path.join(self.dir, "..v1"))
+        target = self.key_file(name="..v1/key.json")
+        link = os.path.join(self.dir, "linked.json")
+        os.symlink("..v1/key.json", link)
+        self.assertEqual(self.rotate(link).returncode, 0)
+        self.assertTrue(os.path.islink(link))
+        self.assertEqual(len(self.read(target)["keys"]), 2)
+
+        for flags, message in ((("--publish-ahead", "-1"), b"--publish-ahead must be an integer"),
+                               (("--retire-after", "soon"), b"--retire-after must be an integer"),
+                               (("--ttl", "0"), b"--ttl must be an integer from 1")):
+            result = self.rotate(new_path, *flags)
+            self.assertEqual(result.returncode, 2)
+            self.assertIn(message, result.stderr)
+        broken = self.write("broken.json", '{"keys": [')
+        result = self.rotate(broken)
+        self.assertEqual(result.returncode, 2)
+        self.assertEqual(self.read(new_path), made)  # nothing written on a refusal
+        with open(broken) as f:
+            self.assertEqual(f.read(), '{"keys": [')
+
+    def test_retire_after_defaults_to_the_ttl_plus_a_margin(self):
+        path = self.key_file()
+        self.rotate(path, "--publish-ahead", "0")
+        self.rotate(path, "--publish-ahead", "0")  # retires the first signer now
+        for flags, env, wanted in ((("--ttl", "60"), {}, 60 + 900),
+                                   ((), {"JWT_ISSUER_TTL": "120"}, 120 + 900),
+                                   ((), {}, 3600 + 900)):
+            result = run_command("rotate", path, "--publish-ahead", "0", *flags,
+                                 env=dict(os.environ, **env))
+            self.assertEqual(result.returncode, 2)
+            self.assertIn(b"(--retire-after %d)" % wanted, result.stderr)
+
+
+class ReloadOnChangeTest(TempDirTestCase):
+    """--reload-interval: a change of a file reloads, seen through a symlink swap;
+    no change reloads nothing; a bad file is said once; every process converges."""
+
+    side_by_side = True
+
+    def kubernetes_volume(self, key):
+        """A Secret volume as the kubelet makes it: key.json -> ..data/key.json,
+        ..data -> a timestamped folder, swapped whole on an update."""
+        self.volume = os.path.join(self.dir, "secret")
+        self.version = 0
+        os.mkdir(self.volume)
+        self.swap_in(key)
+        os.symlink("..data/key.json", os.path.join(self.volume, "key.json"))
+        return os.path.join(self.volume, "key.json")
+
+    def swap_in(self, content):
+        self.version += 1
+        folder = "..2026_12_01_%02d" % self.version
+        os.mkdir(os.path.join(self.volume, folder))
+        with open(os.path.join(self.volume, folder, "key.json"), "w") as f:
+            f.write(content if isinstance(content, str) else json.dumps(content))
+        os.symlink(folder, os.path.join(self.volume, "..data_tmp"))
+        os.replace(os.path.join(self.volume, "..data_tmp"), os.path.join(self.volume, "..data"))
+
+    def reloads(self, issuer):
+        return scrape(issuer.url)[("jwt_issuer_key_reloads_total",)]
+
+    def test_a_symlink_swap_reloads_once_and_nothing_else_does(self):
+        old, new = new_key(), new_key()
+        path = self.kubernetes_volume(private_jwk(old))
+        issuer = self.start("--key", path, "--reload-interval", "0.1")
+        time.sleep(0.5)  # five looks at unchanged files
+        self.assertEqual(self.reloads(issuer), 0)
+        self.swap_in({"keys": [private_jwk(new), public_jwk(old.public_key())]})
+        issuer.wait_for("%s changed: reloading" % re.escape(path))
+        issuer.wait_for("reloaded keys from")
+        self.assertEqual(segments(issuer.token())[0]["kid"], public_jwk(new.public_key())["kid"])
+        time.sleep(0.5)
+        self.assertEqual(self.reloads(issuer), 1)
+        self.assertEqual(issuer.log.count("changed: reloading"), 1)
+
+    def test_a_bad_file_keeps_the_keys_and_is_said_once(self):
+        old, new = new_key(), new_key()
+        path = self.kubernetes_volume(private_jwk(old))
+        issuer = self.start("--key", path, "--reload-interval", "0.1")
+        self.swap_in('{"kty": "EC", "crv": "P-256", "x": "hal')  # half a file
+        issuer.wait_for("key reload failed, still signing with kid %s" % private_jwk(old)["kid"])
+        time.sleep(0.5)
+        self.assertEqual(issuer.log.count("key reload failed"), 1, issuer.log)
+        self.assertEqual(segments(issuer.token())[0]["kid"], private_jwk(old)["kid"])
+        self.swap_in(private_jwk(new))  # completed
+        issuer.wait_for("reloaded keys from")
+        self.assertEqual(segments(issuer.token())[0]["kid"], private_jwk(new)["kid"])
+
+    def test_a_sighup_reload_is_not_repeated_by_the_watch(self):
+        path = self.key_file()
+        issuer = self.start("--key", path, "--reload-interval", "0.1")
+        self.replace_file(path, private_jwk(new_key()))
+        issuer.proc.send_signal(signal.SIGHUP)
+        issuer.wait_for("reloaded keys from")
+        time.sleep(0.5)
+        self.assertLessEqual(self.reloads(issuer), 2)  # the watch may have come first, then only
+        self.assertEqual(issuer.log.count("reloaded keys from"), self.reloads(issuer))
+
+    def test_the_claims_and_auth_files_are_watched_and_zero_turns_it_off(self):
+        claims = self.write("claims.json", {"vishpat": {"team": "infra"}})
+        issuer = self.start("--key", self.key_file(), "--claims", claims,
+                            "--reload-interval", "0.1")
+        self.replace_file(claims, {"vishpat": {"team": "ops"}})
+        issuer.wait_for("reloaded claims")
+        self.assertEqual(segments(issuer.token())[1]["team"], "ops")
+
+        path = self.key_file(name="still.json")
+        still = self.start("--key", path, "--reload-interval", "0")
+        kid = segments(still.token())[0]["kid"]
+        self.replace_file(path, private_jwk(new_key()))
+        time.sleep(0.5)
+        self.assertEqual(segments(still.token())[0]["kid"], kid)
+        self.assertNotIn("changed", still.log)
+
+    def test_every_worker_converges(self):
+        old, new = new_key(), new_key()
+        path = self.kubernetes_volume(private_jwk(old))
+        issuer = self.start("--key", path, "--workers", "3", "--reload-interval", "0.1")
+        self.swap_in({"keys": [private_jwk(new), public_jwk(old.public_key())]})
+        for _ in range(4):  # the supervisor's reload, then each worker's
+            issuer.wait_for("reloaded keys from")
+        new_kid = private_jwk(new)["kid"]
+        self.assertEqual({segments(issuer.token())[0]["kid"] for _ in range(30)}, {new_kid})
+        self.assertEqual(issuer.log.count("changed: reloading"), 1)
+        self.assertEqual(len(re.findall("supervisor: .* changed: reloading", issuer.log)), 1)
+
+
+class ForwardedClientTest(unittest.TestCase):
+    """forwarded_client: whom a trusted proxy's request is for."""
+
+    TRUSTED = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("10.0.0.0/8"),
+               ipaddress.ip_network("fd00::/8"))
+    PROXY = ipaddress.ip_address("127.0.0.1")
+
+    def test_the_rightmost_untrusted_address(self):
+        cases = [
+            ({}, "127.0.0.1"),
+            ({"x-forwarded-for": "203.0.113.7"}, "203.0.113.7"),
+            ({"x-forwarded-for": "198.51.100.1, 203.0.113.7, 10.0.0.5"}, "203.0.113.7"),
+            ({"x-forwarded-for": "spoofed, 203.0.113.7"}, "203.0.113.7"),
+            ({"x-forwarded-for": "10.1.1.1, 10.0.0.2"}, "10.1.1.1"),  # all trusted: the first
+            ({"x-forwarded-for": "2001:db8::1"}, "2001:db8::1"),
+            ({"x-forwarded-for": "[2001:db8::1]:443, fd00::1"}, "2001:db8::1"),
+            ({"x-forwarded-for": "203.0.113.7:51234"}, "203.0.113.7"),
+            ({"x-forwarded-for": "::ffff:203.0.113.7"}, "203.0.113.7"),
+            ({"forwarded": 'for=192.0.2.60;proto=http;by=203.0.113.43, for="[2001:db8:cafe::17]:4711"'},
+             "2001:db8:cafe::17"),
+            ({"forwarded": "for=192.0.2.60, for=10.0.0.1"}, "192.0.2.60"),
+            ({"forwarded": "for=192.0.2.60", "x-forwarded-for": "203.0.113.7"}, "203.0.113.7"),
+        ]
+        for fields, client in cases:
+            with self.subTest(fields=fields):
+                self.assertEqual(jwt_issuer.forwarded_client(fields, self.PROXY, self.TRUSTED),
+                                 client)
+
+    def test_what_names_no_address_falls_back_to_the_proxy(self):
+        for value in ("", "garbage", "203.0.113.7, garbage", "unknown", '"203.0.113.7', "1.2.3",
+                      "2001:db8::1:80x", "203.0.113.7 10.0.0.1", "fe80::1%eth0", ":", ",",
+                      "\x00", "203.0.113.7;for=1.1.1.1", "9" * 5000):
+            with self.subTest(value=value):
+                self.assertEqual(jwt_issuer.forwarded_client(
+                    {"x-forwarded-for": value}, self.PROXY, self.TRUSTED), "127.0.0.1")
+        for value in ("for=unknown", "for=_hidden, for=10.0.0.1", "proto=https", "for=", "for"):
+            with self.subTest(value=value):
+                self.assertEqual(jwt_issuer.forwarded_client(
+                    {"forwarded": value}, self.PROXY, self.TRUSTED), "127.0.0.1")
+
+    def test_a_long_chain_is_walked_no_further_than_its_last_hops(self):
+        chain = ", ".join(["203.0.113.7"] + ["10.0.0.1"] * 100)
+        self.assertEqual(jwt_issuer.forwarded_client(
+            {"x-forwarded-for": chain}, self.PROXY, self.TRUSTED), "10.0.0.1")
+
+
+class TrustedProxyTest(TempDirTestCase):
+    """--trusted-proxy on a real server: the limiter and the access log count
+    the client the proxy names; from any other peer the headers change nothing."""
+
+    def serve(self, **settings):
+        auth = self.write("users", hash_file_line("vishpat", "right") + "\n")
+        return serving(auth_file=auth, **settings)
+
+    def login(self, server, password, forwarded_for=None, source="127.0.0.1"):
+        headers = {"Authorization": basic("vishpat", password)}
+        if forwarded_for is not None:
+            headers["X-Forwarded-For"] = forwarded_for
+        return request(server, "POST", "/auth/token", b'{"name": "vishpat"}',
+                       dict(headers, **JSON_HEADERS), source=source)[0]
+
+    def test_bad_passwords_lock_the_client_the_proxy_names_only(self):
+        logged = []
+        handler = ListHandler(logged)
+        jwt_issuer.log.addHandler(handler)
+        self.addCleanup(jwt_issuer.log.removeHandler, handler)
+        self.addCleanup(jwt_issuer.log.setLevel, jwt_issuer.log.level)
+        jwt_issuer.log.setLevel(logging.INFO)
+        proxy = (ipaddress.ip_network("127.0.0.1/32"),)
+        with self.serve(trusted_proxies=proxy) as server:
+            statuses = [self.login(server, "wrong", "198.51.100.1, 203.0.113.7")
+                        for _ in range(11)]
+            self.assertEqual(statuses, [401] * 10 + [429])
+            self.assertEqual(self.login(server, "wrong", "203.0.113.8"), 401)  # another client
+            self.assertEqual(self.login(server, "right", "203.0.113.8"), 200)
+            # from a peer that is not trusted, the header is the client's word: ignored
+            for _ in range(10):
+                self.login(server, "wrong", "203.0.113.99", source="127.0.0.2")
+            self.assertEqual(self.login(server, "wrong", "203.0.113.100", source="127.0.0.2"), 429)
+            self.assertEqual(self.login(server, "wrong", "203.0.113.9"), 401)
+        lines = [record.getMessage() for record in logged]
+        self.assertTrue(any(line.startswith('203.0.113.7 "POST /auth/token HTTP/1.1" 401')
+                            for line in lines), lines)
+        self.assertTrue(any(line.startswith('127.0.0.2 "POST /auth/token HTTP/1.1" 401')
+                            for line in lines), lines)
+        self.assertFalse(any("203.0.113.99" in line for line in lines))
+
+    def test_hostile_headers_from_a_trusted_proxy_never_break_a_request(self):
+        proxy = (ipaddress.ip_network("127.0.0.0/8"),)
+        with serving(trusted_proxies=proxy) as server:
+            for value in ("", "\xff\xfe", "a" * 8000, ", " * 3000, "[::1", '"', "for=1.1.1.1",
+                          "1.1.1.1, " * 1500):
+                with self.subTest(value=value[:20]):
+                    head = ("GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Forwarded-For: %s\r\n"
+                            "Forwarded: for=%s\r\n\r\n" % (value, value)).encode("latin-1")
+                    (status, _, _), = exchange(server, head)
+                    self.assertIn(status, (200, 431))
+
+    def test_a_proxys_connections_are_not_counted_as_one_clients(self):
+        """Four places: a proxy holds three idle connections, another client one.
+        The other client's next connection takes its own idle one's place: the
+        proxy's three count as three clients, not one that holds the most."""
+        for trusted, closed in (((ipaddress.ip_network("127.0.0.1/32"),), "own"),
+                                ((), "proxy's")):
+            with self.subTest(trusted=bool(trusted)), serving(
+                    max_connections=4, trusted_proxies=trusted) as server:
+                address = server.server_address[:2]
+                proxied = [socket.create_connection(address, source_address=("127.0.0.1", 0))
+                           for _ in range(3)]
+                own = socket.create_connection(address, source_address=("127.0.0.2", 0))
+                eventually(lambda: len(server.slots) == 4)
+                newcomer = socket.create_connection(address, source_address=("127.0.0.2", 0))
+                eventually(lambda: len(server.slots) == 4)
+                newcomer.sendall(FOLLOW_UP)
+                self.assertIn(b"200 OK", newcomer.recv(4096))
+
+                def ended():
+                    readable, _, _ = select.select(proxied + [own], [], [], 0)
+                    return [sock for sock in readable if sock.recv(1, socket.MSG_PEEK) == b""]
+                eventually(ended)
+                self.assertEqual(ended(), [own] if closed == "own" else ended()[:1])
+                self.assertEqual(own in ended(), closed == "own")
+                for sock in proxied + [own, newcomer]:
+                    sock.close()
 
 
 # ---------------------------------------------------------------- processes: signals, workers, the drain, the log
@@ -6324,7 +6729,7 @@ class VaultTest(TempDirTestCase):
         jwks_url = issuer.url + "/auth/jwks"
 
         def fetches():
-            return issuer.log.count('"GET /auth/jwks HTTP/1.1" 200')
+            return issuer.settled_log().count('"GET /auth/jwks HTTP/1.1" 200')
 
         self.jwt_auth("jwt-rotation", {"jwks_url": jwks_url})
         old_token = issuer.token()
