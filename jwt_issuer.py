@@ -1599,11 +1599,11 @@ def write_new_file(path, data):
     write_file(path, data, install=os.link)
 
 
-def write_file(path, data, mode=0o600, install=os.replace):
+def write_file(path, data, mode=0o600, install=os.replace, owner=None):
     """Write DATA to PATH all or nothing, so that a reader sees the old file
     or the new one, never half: a temp file in the same directory (mode 0600
-    until the data is in, then MODE), fsync, INSTALL (rename or link) at PATH,
-    fsync of the directory."""
+    until the data is in, then MODE, and OWNER's (uid, gid) where this user
+    may give it), fsync, INSTALL (rename or link) at PATH, fsync of the directory."""
     import tempfile
     directory = os.path.dirname(path) or "."
     try:
@@ -1612,6 +1612,9 @@ def write_file(path, data, mode=0o600, install=os.replace):
             with os.fdopen(fd, "wb") as temp:
                 temp.write(data)
                 temp.flush()
+                if owner is not None and owner != (os.geteuid(), os.getegid()):
+                    with contextlib.suppress(PermissionError):  # root rotating a service's key
+                        os.fchown(temp.fileno(), *owner)
                 os.fchmod(temp.fileno(), mode)
                 os.fsync(temp.fileno())
             install(temp_path, path)
@@ -3462,7 +3465,8 @@ def rotate_key_file(path, publish_ahead, retire_after, force):
         raise ConfigError("key file %s: %s" % (path, error)) from None
     for reason in overridden:
         print("rotating with --force: %s" % reason, file=sys.stderr)
-    write_file(target, text, stat.S_IMODE(mode))
+    status = os.stat(target)
+    write_file(target, text, stat.S_IMODE(mode), owner=(status.st_uid, status.st_gid))
     print("rotated %s: %s" % (path, "; ".join(done)), file=sys.stderr)
     return 0
 

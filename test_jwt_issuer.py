@@ -5581,6 +5581,15 @@ class RotateCommandTest(TempDirTestCase):
         with open(broken) as f:
             self.assertEqual(f.read(), '{"keys": [')
 
+    def test_root_rotating_a_services_key_keeps_its_owner(self):
+        path = self.key_file()
+        owner = (12345, 12346) if os.geteuid() == 0 else (os.geteuid(), os.getegid())
+        os.chown(path, *owner)
+        self.assertEqual(self.rotate(path).returncode, 0)
+        status = os.stat(path)
+        self.assertEqual((status.st_uid, status.st_gid), owner)
+        self.assertEqual(stat.S_IMODE(status.st_mode), 0o600)
+
     def test_retire_after_defaults_to_the_ttl_plus_a_margin(self):
         path = self.key_file()
         self.rotate(path, "--publish-ahead", "0")
