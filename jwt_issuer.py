@@ -1380,14 +1380,10 @@ def _names(texts, source):
 
 
 def _seconds(text, source):
-    try:
-        seconds = float(text) if re.fullmatch(r"[0-9]{1,6}(\.[0-9]{1,3})?", text) else -1
-    except ValueError:
-        seconds = -1
-    if seconds < 0:
-        raise ConfigError("%s must be seconds, from 0 to 999999 with up to 3 decimals, not %s"
-                          % (source, json.dumps(text)[:40]))
-    return seconds
+    if re.fullmatch(r"[0-9]{1,6}(\.[0-9]{1,3})?", text):
+        return float(text)
+    raise ConfigError("%s must be seconds, from 0 to 999999 with up to 3 decimals, not %s"
+                      % (source, json.dumps(text)[:40]))
 
 
 def _networks(texts, source):
@@ -2665,8 +2661,7 @@ class RequestHandler(socketserver.StreamRequestHandler):
 
     def __init__(self, request, client_address, server, slot=None):
         self.slot = slot or Slot(request, client_address[0])  # in memory: no server to enforce it
-        self.client = client_address[0]  # of the request: the peer, or whom its proxy names
-        self.proxy = trusted_proxy(self.client, server.trusted_proxies)
+        self.proxy = trusted_proxy(client_address[0], server.trusted_proxies)
         super().__init__(request, client_address, server)
 
     def handle(self):
@@ -2697,7 +2692,8 @@ class RequestHandler(socketserver.StreamRequestHandler):
         """The body of the next request, whose head is then self.head; None
         when the client is done. Reads no more than MAX_HEAD_BYTES of a head,
         and nothing beyond the body it frames until the answer is sent."""
-        self.head, slot, server = None, self.slot, self.server
+        # self.client: the peer, or, once the head is read, whom a trusted proxy names
+        self.head, self.client, slot, server = None, self.client_address[0], self.slot, self.server
         if not buffer:
             slot.enter(IDLE, STOP_GRACE_SECONDS if server.stopping else server.idle_timeout)
             data = self.rfile.read(READ_CHUNK_BYTES)

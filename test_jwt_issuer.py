@@ -1845,6 +1845,15 @@ class ConfigTest(unittest.TestCase):
             (["--audience", ""], {}, "an audience must be a non-empty string"),
             (["--allowed-host", " "], {}, "an allowed host must be a non-empty name"),
             (["--auth-file", ""], {}, "--auth-file must name a file"),
+            (["--reload-interval", "1e3"], {},
+             '--reload-interval must be seconds, from 0 to 999999 with up to 3 decimals, not "1e3"'),
+            ([], {"JWT_ISSUER_RELOAD_INTERVAL": "-1"}, 'JWT_ISSUER_RELOAD_INTERVAL must be seconds, '
+                                                       'from 0 to 999999 with up to 3 decimals, not "-1"'),
+            (["--trusted-proxy", "nginx"], {}, '--trusted-proxy must be an IP address or a CIDR '
+                                               'block such as 10.0.0.0/8, not "nginx"'),
+            ([], {"JWT_ISSUER_TRUSTED_PROXY": "10.0.0.0/8, 300.1.1.1"},
+             'JWT_ISSUER_TRUSTED_PROXY must be an IP address or a CIDR block such as 10.0.0.0/8, '
+             'not "300.1.1.1"'),
             (["--nope"], {}, "unrecognized arguments: --nope"),
             (["--port"], {}, "argument --port: expected one argument"),
         ]
@@ -1853,6 +1862,20 @@ class ConfigTest(unittest.TestCase):
                 with self.assertRaises(ConfigError) as caught:
                     self.config(argv, environ)
                 self.assertEqual(str(caught.exception), message)
+
+    def test_reload_interval_and_trusted_proxies(self):
+        self.assertEqual(self.config().reload_interval, 5)
+        config = self.config(["--reload-interval", "0.25", "--trusted-proxy", "10.0.0.1/8",
+                              "--trusted-proxy", "::1"],
+                             {"JWT_ISSUER_TRUSTED_PROXY": "192.0.2.1"})
+        self.assertEqual(config.reload_interval, 0.25)
+        self.assertEqual(config.trusted_proxies, (ipaddress.ip_network("10.0.0.0/8"),
+                                                  ipaddress.ip_network("::1/128")))
+        config = self.config([], {"JWT_ISSUER_TRUSTED_PROXY": " 192.0.2.1 ,2001:db8::/32",
+                                  "JWT_ISSUER_RELOAD_INTERVAL": "0"})
+        self.assertEqual(config.trusted_proxies, (ipaddress.ip_network("192.0.2.1/32"),
+                                                  ipaddress.ip_network("2001:db8::/32")))
+        self.assertEqual(config.reload_interval, 0)
 
     def test_help_and_readme_come_from_the_one_table(self):
         text = run_command("--help").stdout.decode()
