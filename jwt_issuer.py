@@ -1215,7 +1215,7 @@ def parse_head(data):
     # message that contains more than one Host header field line or a Host
     # header field with an invalid field value."
     if hosts > 1 or (hosts == 0 and version != "HTTP/1.0"):
-        raise _head_error(400, "exactly one Host header is required (RFC 9112 §3.2)")
+        raise _head_error(400, "exactly one Host header is required (RFC 9112 section 3.2)")
     host = _host_of(fields["host"]) if hosts else None
     if authority is not None:
         # §3.2.2: the server "MUST ignore the received Host header field (if any)
@@ -3394,8 +3394,9 @@ def build_parser():
                     "key is published; keys retired at the last step are dropped. The first "
                     "step on a single key only publishes the next key; a missing FILE gets a "
                     "new signing key and a next key. A step that is not yet safe is refused, "
-                    "with the time it will be. The issuer rereads the file on SIGHUP, or by "
-                    "itself with --reload-interval.")
+                    "with the time it will be. The issuer takes the new file at its next look "
+                    "(--reload-interval, 5 s by default) or on SIGHUP. Give rotate the TTL "
+                    "the issuer serves with (--ttl, or JWT_ISSUER_TTL for both).")
     rotate.add_argument("file", metavar="FILE", help="the key file the issuer serves (--key)")
     rotate.add_argument("--publish-ahead", metavar="SECONDS",
                         default=str(DEFAULT_PUBLISH_AHEAD_SECONDS),
@@ -3405,7 +3406,8 @@ def build_parser():
                         help="how long a retired key stays published (default: the TTL, from "
                              "--ttl or JWT_ISSUER_TTL, plus %d)" % ROTATION_MARGIN_SECONDS)
     rotate.add_argument("--ttl", metavar="SECONDS", dest="rotate_ttl",
-                        help="the issuer's token lifetime, for the default --retire-after")
+                        help="the issuer's token lifetime, for the default --retire-after "
+                             "(default: JWT_ISSUER_TTL, else %d)" % DEFAULT_TTL_SECONDS)
     rotate.add_argument("--force", action="store_true",
                         help="rotate even when it is not yet safe: tokens may fail to verify")
     return parser
@@ -3467,6 +3469,20 @@ def rotate_key_file(path, publish_ahead, retire_after, force):
     return 0
 
 
+def rotate_command(args, environ):
+    """`rotate`, its times from its flags; the TTL, for the default --retire-after,
+    from its own --ttl or the server's (flag before the command, or environment)."""
+    seconds = _integer(0, 10 ** 10)
+    ttl_text, source = next(
+        ((text, source) for text, source in ((args.rotate_ttl, "--ttl"), (args.ttl, "--ttl"),
+                                             (environ.get("JWT_ISSUER_TTL"), "JWT_ISSUER_TTL"))
+         if text), (str(DEFAULT_TTL_SECONDS), "--ttl"))
+    retire_after = (_integer(1, 10 ** 10)(ttl_text, source) + ROTATION_MARGIN_SECONDS
+                    if args.retire_after is None else seconds(args.retire_after, "--retire-after"))
+    return rotate_key_file(args.file, seconds(args.publish_ahead, "--publish-ahead"),
+                           retire_after, args.force)
+
+
 def read_password():
     import getpass
     try:
@@ -3521,14 +3537,7 @@ def main(argv=None, environ=None):
         if args.command == "hash-password":
             return print_password_hash(args.user)
         if args.command == "rotate":
-            seconds = _integer(0, 10 ** 10)
-            ttl = _integer(1, 10 ** 10)(
-                args.rotate_ttl or args.ttl or environ.get("JWT_ISSUER_TTL")
-                or str(DEFAULT_TTL_SECONDS), "--ttl")
-            retire_after = (ttl + ROTATION_MARGIN_SECONDS if args.retire_after is None
-                            else seconds(args.retire_after, "--retire-after"))
-            return rotate_key_file(args.file, seconds(args.publish_ahead, "--publish-ahead"),
-                                   retire_after, args.force)
+            return rotate_command(args, environ)
         return serve(Config.from_args(args, environ))
     except ConfigError as error:
         print("jwt_issuer: error: %s" % error, file=sys.stderr, flush=True)

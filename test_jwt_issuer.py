@@ -5591,6 +5591,9 @@ class RotateCommandTest(TempDirTestCase):
         self.assertTrue(os.path.islink(link))
         self.assertEqual(len(self.read(target)["keys"]), 2)
 
+        result = run_command("rotate", new_path, env=dict(os.environ, JWT_ISSUER_TTL="abc"))
+        self.assertIn(b'JWT_ISSUER_TTL must be an integer from 1 to 10000000000, not "abc"',
+                      result.stderr)
         for flags, message in ((("--publish-ahead", "-1"), b"--publish-ahead must be an integer"),
                                (("--retire-after", "soon"), b"--retire-after must be an integer"),
                                (("--ttl", "0"), b"--ttl must be an integer from 1")):
