@@ -446,11 +446,18 @@ def _utc(seconds):
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
+LAST_NUMERIC_DATE = 253402300799  # 9999-12-31T23:59:59Z: what a calendar can show
+
+
+def _kid(jwk):
+    return jwk.get("kid") or thumbprint(jwk)  # the server's kid for a key that names none
+
+
 def _stamp(jwk, name):
     value = jwk.get(name)
-    if value is not None and not (type(value) is int and value >= 0):
-        raise ValueError('key %s: "%s" must be a NumericDate (whole seconds since 1970)'
-                         % (jwk.get("kid"), name))
+    if value is not None and not (type(value) is int and 0 <= value <= LAST_NUMERIC_DATE):
+        raise ValueError('key %s: "%s" must be a NumericDate (whole seconds since 1970) before '
+                         'the year 10000' % (_kid(jwk), name))
     return value
 
 
@@ -475,23 +482,24 @@ def rotation_step(document, new_key, now, publish_ahead, retire_after, force=Fal
     unstamped = [dict(key, **{RETIRED_AT: now}) for key in retired if RETIRED_AT not in key]
     next_key = dict(new_key, **{PUBLISHED_AT: now})
     if len(private) == 1:
-        return ({"keys": [private[0], next_key] + retired + unstamped}, [
+        kept = [key if RETIRED_AT in key else dict(key, **{RETIRED_AT: now}) for key in retired]
+        return ({"keys": [private[0], next_key] + kept}, [
             "published kid %s as the next key: it may sign from %s"
             % (next_key["kid"], _utc(now + publish_ahead))], [])
     signer, promoted = private
     waits = []  # (when it is safe, why not now)
     published = promoted.get(PUBLISHED_AT)
     if published is None:
-        waits.append((None, "the next key %s has no %s" % (promoted.get("kid"), PUBLISHED_AT)))
+        waits.append((None, "the next key %s has no %s" % (_kid(promoted), PUBLISHED_AT)))
     elif now < published + publish_ahead:
         waits.append((published + publish_ahead, "the next key %s was published at %s, %d s "
-                      "ago (--publish-ahead %d)" % (promoted.get("kid"), _utc(published),
+                      "ago (--publish-ahead %d)" % (_kid(promoted), _utc(published),
                                                      now - published, publish_ahead)))
     dropped = [key for key in retired if RETIRED_AT in key]
     for key in dropped:
         if now < key[RETIRED_AT] + retire_after:
             waits.append((key[RETIRED_AT] + retire_after, "kid %s was retired at %s, %d s ago "
-                          "(--retire-after %d)" % (key.get("kid"), _utc(key[RETIRED_AT]),
+                          "(--retire-after %d)" % (_kid(key), _utc(key[RETIRED_AT]),
                                                   now - key[RETIRED_AT], retire_after)))
     reasons = [why for _, why in waits]
     if waits and not force:
@@ -502,11 +510,11 @@ def rotation_step(document, new_key, now, publish_ahead, retire_after, force=Fal
                          % (safe, "; ".join(reasons)))
     retiring = {name: signer[name] for name in PUBLIC_MEMBERS if name in signer}
     retiring[RETIRED_AT] = now
-    done = ["signing with kid %s" % promoted.get("kid"),
+    done = ["signing with kid %s" % _kid(promoted),
             "published kid %s as the next key: it may sign from %s"
             % (next_key["kid"], _utc(now + publish_ahead)),
-            "retired kid %s: published until %s" % (signer.get("kid"), _utc(now + retire_after))]
-    done += ["dropped kid %s" % key.get("kid") for key in dropped]
+            "retired kid %s: published until %s" % (_kid(signer), _utc(now + retire_after))]
+    done += ["dropped kid %s" % _kid(key) for key in dropped]
     return {"keys": [promoted, next_key, retiring] + unstamped}, done, reasons
 
 
@@ -1270,13 +1278,29 @@ def trusted_proxy(address, networks):
     return ip if ip is not None and any(ip in network for network in networks) else None
 
 
-# A node of X-Forwarded-For, or of Forwarded's for= (RFC 7239 §6): an address,
-# an IPv6 one in brackets, either with a port. "unknown" and obfuscated names
-# ("_hidden") name no address.
-_NODE = re.compile(r'(")?(?:\[(?P<bracketed>[0-9A-Fa-f:.]+)\]|(?P<ipv4>[0-9.]+)'
-                   r'|(?P<ipv6>[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*))(?(bracketed)(?::[0-9]{1,5})?|'
-                   r'(?(ipv4)(?::[0-9]{1,5})?))(?(1)")')
 MAX_FORWARDED_HOPS = 16  # trusted proxies walked through, at most
+_PORT = re.compile(r"[0-9]{1,5}")
+
+
+def _node_address(node):
+    """The address of a node of X-Forwarded-For, or of Forwarded's for= (RFC 7239
+    §6): an address, an IPv6 one in brackets, either with a port, maybe quoted;
+    None for anything else ("unknown", an obfuscated "_hidden", a zone index)."""
+    node = node.strip(" \t")
+    if len(node) > 64:  # the longest such node is 55 characters
+        return None
+    if len(node) > 1 and node[0] == node[-1] == '"':
+        node = node[1:-1]
+    if node.startswith("["):
+        address, _, port = node[1:].partition("]")
+        port = port[1:] if port.startswith(":") else port or "0"
+    elif node.count(":") == 1:
+        address, _, port = node.partition(":")
+    else:
+        address, port = node, "0"
+    if not (_PORT.fullmatch(port) and int(port) <= 65535) or "%" in address:
+        return None
+    return _ip(address)
 _FORWARDED_FOR = re.compile(r'(?:^|;)\s*for\s*=\s*("[^"]*"|[^;]*)', re.I)
 
 
@@ -1297,9 +1321,7 @@ def forwarded_client(fields, proxy, trusted):
         return str(proxy)
     client = None
     for node in reversed(nodes[-MAX_FORWARDED_HOPS:]):
-        found = _NODE.fullmatch(node.strip())
-        client = found and _ip(found.group("bracketed") or found.group("ipv4")
-                               or found.group("ipv6"))
+        client = _node_address(node)
         if client is None:
             return str(proxy)
         if not any(client in network for network in trusted):
@@ -1386,14 +1408,22 @@ def _seconds(text, source):
                       % (source, json.dumps(text)[:40]))
 
 
+_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+
+
 def _networks(texts, source):
     networks = []
     for text in texts:
         try:
-            networks.append(ipaddress.ip_network(text.strip(), strict=False))
+            network = ipaddress.ip_network(text.strip(), strict=False)
         except ValueError:
             raise ConfigError("%s must be an IP address or a CIDR block such as 10.0.0.0/8, "
                               "not %s" % (source, json.dumps(text)[:60])) from None
+        if network.version == 6 and network.prefixlen >= 96 and network.subnet_of(_MAPPED):
+            # a peer's IPv4-mapped address is compared as IPv4 (see _ip)
+            network = ipaddress.ip_network((network.network_address.ipv4_mapped,
+                                            network.prefixlen - 96))
+        networks.append(network)
     return tuple(networks)
 
 
@@ -1608,9 +1638,14 @@ def write_file(path, data, mode=0o600, install=os.replace, owner=None):
             with os.fdopen(fd, "wb") as temp:
                 temp.write(data)
                 temp.flush()
-                if owner is not None and owner != (os.geteuid(), os.getegid()):
+                if owner is not None:
                     with contextlib.suppress(PermissionError):  # root rotating a service's key
                         os.fchown(temp.fileno(), *owner)
+                    status = os.fstat(temp.fileno())
+                    if (status.st_uid, status.st_gid) != owner:
+                        raise ConfigError("%s belongs to uid %d, gid %d, which this user cannot "
+                                          "give a new file; write it as its owner, or root"
+                                          % ((path,) + owner))
                 os.fchmod(temp.fileno(), mode)
                 os.fsync(temp.fileno())
             install(temp_path, path)
@@ -3284,6 +3319,10 @@ def startup_warnings(config):
         if config.auth_file is not None and config.tls_cert is None:
             warnings.append("listening on %s over plain HTTP with --auth-file: passwords cross "
                             "the network in clear; add --tls-cert and --tls-key" % config.host)
+    for network in config.trusted_proxies:
+        if network.prefixlen == 0:
+            warnings.append("--trusted-proxy %s trusts every peer: any client can name the "
+                            "address the login limiter counts it by" % network)
     return warnings
 
 
@@ -3458,6 +3497,9 @@ def rotate_key_file(path, publish_ahead, retire_after, force):
             parse_json(data), private_jwk(ec.generate_private_key(P256)), now,
             publish_ahead, retire_after, force)
         text = json.dumps(rotated, indent=2).encode() + b"\n"
+        if len(text) > MAX_KEY_FILE_BYTES:
+            raise ValueError("rotated, it would be over %d bytes, which the issuer refuses"
+                             % MAX_KEY_FILE_BYTES)
         parse_key_file(text)
     except ValueError as error:
         raise ConfigError("key file %s: %s" % (path, error)) from None

@@ -1876,6 +1876,15 @@ class ConfigTest(unittest.TestCase):
         self.assertEqual(config.trusted_proxies, (ipaddress.ip_network("192.0.2.1/32"),
                                                   ipaddress.ip_network("2001:db8::/32")))
         self.assertEqual(config.reload_interval, 0)
+        # an IPv4-mapped address, as a dual-stack socket shows an IPv4 peer, is compared as IPv4
+        config = self.config(["--trusted-proxy", "::ffff:127.0.0.1", "--trusted-proxy",
+                              "::ffff:10.0.0.0/104"])
+        self.assertEqual(config.trusted_proxies, (ipaddress.ip_network("127.0.0.1/32"),
+                                                  ipaddress.ip_network("10.0.0.0/8")))
+        self.assertEqual(jwt_issuer.startup_warnings(
+            self.config(["--trusted-proxy", "0.0.0.0/0"])),
+            ["--trusted-proxy 0.0.0.0/0 trusts every peer: any client can name the address "
+             "the login limiter counts it by"])
 
     def test_help_and_readme_come_from_the_one_table(self):
         text = run_command("--help").stdout.decode()
@@ -5512,13 +5521,24 @@ class RotationStepTest(unittest.TestCase):
         self.assertEqual(kids_of(rotated), [b["kid"], d["kid"], a["kid"], c["kid"]])
         self.assertEqual([key.get("retired_at") for key in rotated["keys"][2:]], [5000, 5000])
 
+    def test_a_hand_made_set_is_rotated_with_its_old_key_kept_once(self):
+        a, b, new = self.keys[:3]
+        old_public = {k: b[k] for k in ("kty", "crv", "x", "y", "kid")}
+        rotated, _, _ = self.step({"keys": [a, old_public]}, 7000, new)
+        self.assertEqual(kids_of(rotated), [a["kid"], new["kid"], b["kid"]])
+        self.assertEqual(rotated["keys"][2], dict(old_public, retired_at=7000))
+        no_kid = {k: v for k, v in a.items() if k != "kid"}
+        _, done, _ = self.step({"keys": [no_kid, dict(b, published_at=0)]}, 7000)
+        self.assertIn("retired kid %s" % jwt_issuer.thumbprint(a), "; ".join(done))
+
     def test_files_not_in_the_shape_of_a_rotation_are_refused(self):
         three = {"keys": self.keys[:3]}
         with self.assertRaisesRegex(ValueError, "it holds 3 private keys; a rotated file holds two"):
             self.step(three, 0)
-        stamped = dict(self.keys[0], published_at="yesterday")
-        with self.assertRaisesRegex(ValueError, '"published_at" must be a NumericDate'):
-            self.step(stamped, 0)
+        for value in ("yesterday", 1.5, True, -1, 10 ** 17, 10 ** 30):
+            with self.subTest(value=value), self.assertRaisesRegex(
+                    ValueError, '"published_at" must be a NumericDate .* before the year 10000'):
+                self.step({"keys": [self.keys[0], dict(self.keys[1], published_at=value)]}, 0)
 
 
 class RotateCommandTest(TempDirTestCase):
@@ -5615,6 +5635,49 @@ class RotateCommandTest(TempDirTestCase):
         status = os.stat(path)
         self.assertEqual((status.st_uid, status.st_gid), owner)
         self.assertEqual(stat.S_IMODE(status.st_mode), 0o600)
+
+    def test_a_user_who_cannot_keep_the_owner_changes_nothing(self):
+        if os.geteuid() != 0:
+            self.skipTest("needs root, to make a file another user owns")
+        folder = os.path.join(self.dir, "shared")
+        os.mkdir(folder)
+        os.chmod(folder, 0o777)
+        os.chmod(self.dir, 0o755)
+        path = self.key_file(name="shared/key.json")
+        os.chown(path, 12345, 12345)
+        os.chmod(path, 0o666)
+        with open(path, "rb") as f:
+            before = f.read()
+        # as nobody, in a child of this process: nobody may not run the Python under /root
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 99
+            try:
+                os.dup2(write, 2)
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+                code = jwt_issuer.main(["rotate", path])
+            finally:
+                os._exit(code)
+        os.close(write)
+        with os.fdopen(read, "rb") as f:
+            said = f.read()
+        self.assertEqual(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), 2, said)
+        self.assertIn(b"belongs to uid 12345, gid 12345, which this user cannot give a new file",
+                      said)
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), before)
+        self.assertEqual(os.listdir(folder), ["key.json"])
+
+    def test_a_file_too_big_for_the_issuer_is_not_written(self):
+        path = self.write("key.json", {"keys": [dict(private_jwk(new_key()),
+                                                     comment=[0] * 200000)]})
+        result = self.rotate(path)
+        self.assertEqual(result.returncode, 2)
+        self.assertIn(b"rotated, it would be over 1048576 bytes, which the issuer refuses",
+                      result.stderr)
 
     def test_retire_after_defaults_to_the_ttl_plus_a_margin(self):
         path = self.key_file()
@@ -5754,6 +5817,7 @@ class ForwardedClientTest(unittest.TestCase):
     def test_what_names_no_address_falls_back_to_the_proxy(self):
         for value in ("", "garbage", "203.0.113.7, garbage", "unknown", '"203.0.113.7', "1.2.3",
                       "2001:db8::1:80x", "203.0.113.7 10.0.0.1", "fe80::1%eth0", ":", ",",
+                      "[fe80::1%1b]", "203.0.113.7:99999", "203.0.113.7\xa0", "1:" * 4000 + "x",
                       "\x00", "203.0.113.7;for=1.1.1.1", "9" * 5000):
             with self.subTest(value=value):
                 self.assertEqual(jwt_issuer.forwarded_client(
@@ -5762,6 +5826,18 @@ class ForwardedClientTest(unittest.TestCase):
             with self.subTest(value=value):
                 self.assertEqual(jwt_issuer.forwarded_client(
                     {"forwarded": value}, self.PROXY, self.TRUSTED), "127.0.0.1")
+
+    def test_a_hostile_node_costs_what_a_good_one_does(self):
+        """A node that made a backtracking pattern take 330 ms, each."""
+        def cpu(value):
+            started = time.process_time()
+            for _ in range(200):
+                jwt_issuer.forwarded_client({"x-forwarded-for": value}, self.PROXY, self.TRUSTED)
+            return time.process_time() - started
+        hostile = "1:" * 4000 + "x"
+        self.assertEqual(jwt_issuer.forwarded_client({"x-forwarded-for": hostile}, self.PROXY,
+                                                     self.TRUSTED), "127.0.0.1")
+        self.assertLess(cpu(hostile), 20 * cpu("203.0.113.7") + 0.05)
 
     def test_a_long_chain_is_walked_no_further_than_its_last_hops(self):
         chain = ", ".join(["203.0.113.7"] + ["10.0.0.1"] * 100)
