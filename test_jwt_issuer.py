@@ -1012,6 +1012,17 @@ def free_port():
         return sock.getsockname()[1]
 
 
+def terminate(proc, timeout=10):
+    """SIGTERM to PROC, then SIGKILL if it still runs TIMEOUT seconds later; reaped."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class DevVault:
     """`bao server -dev` (or `vault server -dev`) on loopback, driven over its HTTP API."""
 
@@ -1051,7 +1062,7 @@ class DevVault:
             except requests.ConnectionError:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                self._terminate()
+                terminate(self.proc)
                 return False
             time.sleep(0.05)
 
@@ -1066,17 +1077,8 @@ class DevVault:
                                     headers={"X-Vault-Token": token} if token else {})
         return response.status_code, (response.json() if response.content else None)
 
-    def _terminate(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
     def stop(self):
-        self._terminate()
+        terminate(self.proc)
         self.log.close()
         shutil.rmtree(self.home, True)
 
@@ -5972,13 +5974,7 @@ class Nginx:
         self.url = "http://127.0.0.1:%d" % self.port
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         self.proc.stderr.close()
 
 
