@@ -167,7 +167,7 @@ TLS12_CIPHERS = ("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
 # it first (PyJWKClient keeps keys 300 s; jose's remote key set and Dex's
 # max-age 600 s); a retired key stays published for the TTL its last tokens
 # live, plus the same margin (replicas still signing with it until they
-# reload, verifiers' expiry leeway: Vault's is 150 s). The times are the key
+# reload, verifiers' leeway past exp: Vault's is 60 s). The times are the key
 # file's own members, which the JWKS never shows (RFC 7517 §4).
 DEFAULT_PUBLISH_AHEAD_SECONDS = 15 * 60
 ROTATION_MARGIN_SECONDS = 15 * 60  # --retire-after is the TTL plus this
@@ -513,7 +513,8 @@ def rotation_step(document, new_key, now, publish_ahead, retire_after, force=Fal
     done = ["signing with kid %s" % _kid(promoted),
             "published kid %s as the next key: it may sign from %s"
             % (next_key["kid"], _utc(now + publish_ahead)),
-            "retired kid %s: published until %s" % (_kid(signer), _utc(now + retire_after))]
+            "retired kid %s: still published, dropped by the first run from %s"
+            % (_kid(signer), _utc(now + retire_after))]
     done += ["dropped kid %s" % _kid(key) for key in dropped]
     return {"keys": [promoted, next_key, retiring] + unstamped}, done, reasons
 
@@ -1608,7 +1609,7 @@ def open_regular_file(path, what, limit):
 
 
 def read_file(path, what, limit):
-    """(bytes, mode) of a regular file of at most LIMIT bytes; else ConfigError."""
+    """(bytes, os.stat_result) of a regular file of at most LIMIT bytes; else ConfigError."""
     with open_regular_file(path, what, limit) as file:
         try:
             data = file.read(limit + 1)
@@ -1616,7 +1617,7 @@ def read_file(path, what, limit):
             raise ConfigError("cannot read %s %s: %s" % (what, path, error.strerror)) from None
         if len(data) > limit:  # it grew since
             raise ConfigError("%s %s is over %d bytes" % (what, path, limit))
-        return data, os.fstat(file.fileno()).st_mode
+        return data, os.fstat(file.fileno())
 
 
 def write_new_file(path, data):
@@ -1663,15 +1664,18 @@ def write_file(path, data, mode=0o600, install=os.replace, owner=None):
         raise ConfigError("cannot write %s: %s" % (path, error.strerror or error)) from None
 
 
-def _warn_if_others_can_read(what, path, mode):
-    if mode & 0o077:
+def _warn_if_others_can_read(what, path, status):
+    """Others may not read a secret; its group may, when it is this process's own
+    (a Kubernetes Secret mounted with fsGroup is 0440, its group the pod's)."""
+    mode = status.st_mode
+    if mode & 0o007 or (mode & 0o070 and status.st_gid not in {os.getegid(), *os.getgroups()}):
         log.warning("%s %s can be read by group or others (mode %04o): chmod 600 %s",
                     what, path, mode & 0o7777, path)
 
 
 def load_keyset(path):
     """Read and check a key file; ConfigError names the file and the problem."""
-    data, mode = read_file(path, "key file", MAX_KEY_FILE_BYTES)
+    data, status = read_file(path, "key file", MAX_KEY_FILE_BYTES)
     try:
         keys = parse_key_file(data)
     except ValueError as error:
@@ -1681,13 +1685,13 @@ def load_keyset(path):
                     "FORGE TOKENS THAT VERIFY AGAINST THIS JWKS. Make your own: "
                     "python jwt_issuer.py genkey -o key.json", path)
     else:
-        _warn_if_others_can_read("key file", path, mode)
+        _warn_if_others_can_read("key file", path, status)
     return keys
 
 
 def load_users(path):
     """{user: PasswordHash} from an auth file; ConfigError names the file, the line, the problem."""
-    data, mode = read_file(path, "auth file", MAX_AUTH_FILE_BYTES)
+    data, status = read_file(path, "auth file", MAX_AUTH_FILE_BYTES)
     try:
         users = parse_auth_file(data.decode("utf-8"))
     except UnicodeDecodeError:
@@ -1701,7 +1705,7 @@ def load_users(path):
         log.warning("auth file %s holds hashes of %d different costs: a user with a cheaper "
                     "one answers faster than an unknown name, which tells that the name exists; "
                     "hash-password them all with the same settings", path, len(settings))
-    _warn_if_others_can_read("auth file", path, mode)
+    _warn_if_others_can_read("auth file", path, status)
     return users
 
 
@@ -3486,7 +3490,7 @@ def rotate_key_file(path, publish_ahead, retire_after, force):
               "from %s" % (path, keys[0]["kid"], keys[1]["kid"], _utc(now + publish_ahead)),
               file=sys.stderr)
         return 0
-    data, mode = read_file(target, "key file", MAX_KEY_FILE_BYTES)
+    data, status = read_file(target, "key file", MAX_KEY_FILE_BYTES)
     if data.lstrip().startswith(b"-----BEGIN"):
         raise ConfigError("%s is a PEM key, and rotate works on a JWK Set: convert it first, "
                           "python3 jwt_issuer.py pem2jwk %s -o key.json, then serve and rotate "
@@ -3505,8 +3509,7 @@ def rotate_key_file(path, publish_ahead, retire_after, force):
         raise ConfigError("key file %s: %s" % (path, error)) from None
     for reason in overridden:
         print("rotating with --force: %s" % reason, file=sys.stderr)
-    status = os.stat(target)
-    write_file(target, text, stat.S_IMODE(mode), owner=(status.st_uid, status.st_gid))
+    write_file(target, text, stat.S_IMODE(status.st_mode), owner=(status.st_uid, status.st_gid))
     print("rotated %s: %s" % (path, "; ".join(done)), file=sys.stderr)
     return 0
 

@@ -5263,6 +5263,15 @@ class ProcessTest(TempDirTestCase):
         self.assertIn("key file %s can be read by group or others (mode 0644): chmod 600 %s"
                       % (path, path), process.log)
 
+    def test_key_readable_by_its_own_group_only_does_not_warn(self):
+        """As a Kubernetes Secret mounted with fsGroup is: 0440, the pod's group."""
+        path = self.write("key.json", private_jwk(new_key()), mode=0o440)
+        self.assertNotIn("can be read", self.start("--key", path).log)
+        if os.geteuid() == 0:  # a group this process is not in
+            os.chown(path, -1, 12345)
+            self.assertIn("can be read by group or others (mode 0440)",
+                          self.start("--key", path).log)
+
     def test_startup_errors_exit_2_with_one_line(self):
         rsa_pem = pem(rsa.generate_private_key(public_exponent=65537, key_size=2048))
         busy = socket.socket()
