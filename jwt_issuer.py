@@ -1737,13 +1737,12 @@ def file_signature(path):
 
 
 class FileWatcher:
-    """PATHS, looked at every INTERVAL seconds. A look comes before the read it
-    may lead to, so that a change made during a read is seen at the next look."""
+    """PATHS, to be looked at every INTERVAL seconds. A look comes before the read
+    it may lead to, so that a change made during a read is seen at the next look."""
 
     def __init__(self, paths, interval):
         self.paths, self.interval = paths, interval
         self._seen = self._look()
-        self._next = time.monotonic() + interval
 
     def _look(self):
         return {path: file_signature(path) for path in self.paths}
@@ -1757,11 +1756,8 @@ class FileWatcher:
         self._seen.update((path, file_signature(path)) for path, seen in self._seen.items()
                           if isinstance(seen, int))
 
-    def changed(self, now):
-        """When a look is due, the files changed since the last one; else none."""
-        if now < self._next:
-            return []
-        self._next = now + self.interval
+    def changed(self):
+        """The files changed since the last look."""
         seen, self._seen = self._seen, self._look()
         return [path for path in self.paths if self._seen[path] != seen[path]]
 
@@ -2161,9 +2157,14 @@ class Service:
         self.limiter = FailureLimiter()
         self._reload_lock = threading.Lock()
 
+    def forked(self):
+        """In a process just forked, where the thread that held the reload lock
+        (if one did) does not run: the lock is free."""
+        self._reload_lock = threading.Lock()
+
     def files_changed(self):
         """Whether a watched file changed since the last look; said once in the log."""
-        changed = self.watcher.changed(time.monotonic()) if self.watcher is not None else ()
+        changed = self.watcher.changed() if self.watcher is not None else ()
         if changed:
             log.info("%s changed: reloading", ", ".join(changed))
         return bool(changed)
@@ -3106,8 +3107,10 @@ class Signals:
     loss (a full pipe holds others), but a stop must not be lost, so a stop
     signal's handler also sets a flag, one store, seen at the next wait."""
 
+    RELOADED = 0  # not a signal: the byte a thread sends when a reload is done
+
     def __init__(self, signums):
-        self._stopped = False
+        self._stopped = self._reloaded = False
         self._read, self._write = os.pipe()
         os.set_blocking(self._read, False)
         os.set_blocking(self._write, False)
@@ -3117,6 +3120,12 @@ class Signals:
 
     def _flag_stop(self, signum, frame):
         self._stopped = True
+
+    def reloaded(self):
+        """From the reload thread: wake the loop, which passes the reload on."""
+        self._reloaded = True  # seen at the next wait even if the byte is lost
+        with contextlib.suppress(OSError):  # full, or closed as the process stops
+            os.write(self._write, bytes([self.RELOADED]))
 
     def wait(self, timeout=TICK_SECONDS):
         """The signals that came since the last call, as a set: waits for one,
@@ -3132,6 +3141,9 @@ class Signals:
                 came.update(data)
         if self._stopped:
             came.add(STOP_SIGNALS[0])
+        if self._reloaded:
+            self._reloaded = False
+            came.add(self.RELOADED)
         return came
 
     def close(self):
@@ -3141,42 +3153,55 @@ class Signals:
 
 
 class Reloader:
-    """A thread that reloads SERVICE when asked, one reload at a time (asks
-    made during one make one more). It never holds up the process's exit: a
-    file that hangs a read hangs only this thread."""
+    """A thread that reloads SERVICE when asked (SIGHUP) or, with WATCH, when a
+    watched file changed; one reload at a time (asks made during one make one
+    more), then THEN. Every file this process reads after its start is read
+    here: a file that hangs a read, or a look (a FIFO, a mount that stopped
+    answering), hangs this thread alone, never the signals or the stop."""
 
-    def __init__(self, service):
+    def __init__(self, service, watch=False, then=None):
+        self.busy_since = None  # monotonic time a look or reload began, while one runs
         self._asked = threading.Event()
-        threading.Thread(target=self._run, args=(service,), name="reload", daemon=True).start()
+        interval = service.watcher.interval if watch and service.watcher is not None else None
+        threading.Thread(target=self._run, args=(service, interval, then), name="reload",
+                         daemon=True).start()
 
     def request(self):
         self._asked.set()
 
-    def _run(self, service):
+    def _run(self, service, interval, then):
         while True:
-            self._asked.wait()
-            self._asked.clear()
+            asked = self._asked.wait(interval)
+            self.busy_since = time.monotonic()
             try:
-                service.reload()
+                if asked or service.files_changed():
+                    self._asked.clear()
+                    service.reload()
+                    if then is not None:
+                        then()
             except Exception:
                 log.exception("reload failed; what is in use stays")
+            finally:
+                self.busy_since = None
 
 
-def run_worker(server, service, lifeline=None, ready=None):
+def run_worker(server, service, lifeline=None, ready=None, stale=False):
     """Serve until SIGTERM or SIGINT, then drain; SIGHUP, or a change of a
     watched file, reloads. A worker of --workers also stops when LIFELINE (a
     pipe its supervisor holds open) ends: the supervisor is gone, and with it
-    whoever would stop or replace it. Its supervisor watches the files for it."""
+    whoever would stop or replace it. Its supervisor watches the files for it. A
+    STALE worker, forked while its supervisor was reloading, reloads at once."""
     signals = Signals(STOP_SIGNALS + RELOAD_SIGNALS)
-    reloader = Reloader(service)
+    reloader = Reloader(service, watch=lifeline is None)
+    if stale:
+        reloader.request()
 
     def watch():
         while True:
             came = signals.wait()
             if not came.isdisjoint(STOP_SIGNALS):
                 server.shutdown()  # waits for serve_forever(): never on its own thread
-            elif not came.isdisjoint(RELOAD_SIGNALS) or (
-                    lifeline is None and service.files_changed()):
+            elif not came.isdisjoint(RELOAD_SIGNALS):
                 reloader.request()
 
     def watch_lifeline():
@@ -3201,10 +3226,11 @@ def run_worker(server, service, lifeline=None, ready=None):
 
 def supervise(server, service, count, ready):
     """--workers: fork COUNT workers that serve the socket already bound; start
-    another in place of one that dies; on SIGHUP reload here too, then in
-    every worker (a worker forked later starts from what is current); on
-    SIGTERM or SIGINT stop them all and wait for them. One loop, one thread:
-    signals and dead children are read from a pipe, never acted on in a handler."""
+    another in place of one that dies; on SIGHUP, or a change of a watched
+    file, reload here too (on the reload thread), then in every worker (a
+    worker forked later starts from what is current); on SIGTERM or SIGINT
+    stop them all and wait for them. One loop: signals, dead children and
+    finished reloads are read from a pipe, never acted on in a handler."""
     caught = STOP_SIGNALS + RELOAD_SIGNALS + (signal.SIGCHLD,)
     signals = Signals(caught)
     lifeline, held_open = os.pipe()
@@ -3212,7 +3238,7 @@ def supervise(server, service, count, ready):
     # accept() must say EAGAIN (socketserver then waits again), not block.
     server.socket.setblocking(False)
     workers, restarts = {}, {}  # pid -> (number, when started); number -> when to start again
-    stopping_since = None
+    stopping_since = reloader = None
 
     def start(number):
         # The child must not run this process's handlers, nor default ones,
@@ -3228,7 +3254,9 @@ def supervise(server, service, count, ready):
                     os.close(held_open)
                     configure_logging("worker %d: " % number)
                     service.metrics.use_row(number - 1)
-                    code = run_worker(server, service, lifeline)
+                    service.forked()
+                    stale = reloader is not None and reloader.busy_since is not None
+                    code = run_worker(server, service, lifeline, stale=stale)
                 except BaseException:
                     log.exception("worker %d failed", number)
                 finally:
@@ -3240,6 +3268,7 @@ def supervise(server, service, count, ready):
     for number in range(1, count + 1):
         start(number)
     log.info("%d workers serving: pids %s", count, ", ".join(str(pid) for pid in workers))
+    reloader = Reloader(service, watch=True, then=signals.reloaded)
     ready()
     while workers or (restarts and stopping_since is None):
         now = time.monotonic()
@@ -3256,9 +3285,9 @@ def supervise(server, service, count, ready):
             server.server_close()
             for pid in workers:
                 os.kill(pid, signal.SIGTERM)
-        elif stopping_since is None and (not came.isdisjoint(RELOAD_SIGNALS)
-                                         or service.files_changed()):
-            service.reload()
+        elif not came.isdisjoint(RELOAD_SIGNALS) and stopping_since is None:
+            reloader.request()
+        if Signals.RELOADED in came and stopping_since is None:
             for pid in workers:
                 os.kill(pid, signal.SIGHUP)
         while workers:
@@ -3275,6 +3304,11 @@ def supervise(server, service, count, ready):
                 log.error("worker %d (pid %d) %s; starting another", number, pid, how)
                 restarts[number] = max(time.monotonic(), started + RESTART_DELAY_SECONDS)
         now = time.monotonic()
+        # A fork while the reload thread works could copy a lock it holds: wait
+        # for it, unless a file keeps it waiting (the worker then reloads itself).
+        reloading = reloader.busy_since
+        if reloading is not None and now - reloading < RESTART_DELAY_SECONDS:
+            restarts = {number: max(when, now + TICK_SECONDS) for number, when in restarts.items()}
         for number, when in sorted(restarts.items()):
             if when <= now and stopping_since is None:
                 del restarts[number]

@@ -6503,6 +6503,24 @@ class DrainUnderLoadTest(LifecycleTestCase):
 
 # ---------------------------------------------------------------- item 6
 
+# A FUSE file system that answers the kernel's INIT and nothing more: every
+# look below its mount point waits, as on a hard-mounted NFS server gone dead.
+HANGING_FUSE = r"""
+import ctypes, os, struct, sys
+libc = ctypes.CDLL("libc.so.6", use_errno=True)
+fd = os.open("/dev/fuse", os.O_RDWR)
+options = ("fd=%d,rootmode=40000,user_id=0,group_id=0" % fd).encode()
+if libc.mount(b"jwt-issuer-test", sys.argv[1].encode(), b"fuse", 0, options) != 0:
+    sys.exit("mount: " + os.strerror(ctypes.get_errno()))
+print("mounted", flush=True)
+while True:
+    length, opcode, unique = struct.unpack_from("<IIQ", os.read(fd, 1 << 20))
+    if opcode == 26:  # FUSE_INIT: protocol 7.31, no other features
+        body = struct.pack("<IIIIHHIIHHI28x", 7, 31, 0, 0, 0, 0, 4096, 1, 0, 0, 0)
+        os.write(fd, struct.pack("<IiQ", 16 + len(body), 0, unique) + body)
+"""
+
+
 class HungReloadTest(LifecycleTestCase):
     """Item 6, a reload never blocks the stop: a key path that is a FIFO (a
     read that would wait forever for a writer) must not hang the reload, the
@@ -6543,6 +6561,46 @@ class HungReloadTest(LifecycleTestCase):
                 self.assertEqual(code, 0, process.log)
                 self.assertLess(elapsed, jwt_issuer.DRAIN_TIMEOUT_SECONDS)
                 self.assertIn("key file %s is not a regular file" % key, process.log)
+
+    def test_a_key_file_on_a_mount_that_stopped_answering_never_blocks_the_stop(self):
+        """A dead hard-mounted NFS server, played by a FUSE file system that
+        answers nothing: a look at the key path, or a read of it, never
+        returns. With the watch on, one process and --workers 2, after a
+        SIGHUP too: SIGTERM still stops serving at once. The process is gone
+        once the mount lets go of the thread it holds (the kernel keeps a
+        process whose thread waits on FUSE), with exit status 0."""
+        if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
+            self.skipTest("needs root and /dev/fuse, to mount a file system that hangs")
+        for workers in ("1", "2"):
+            with self.subTest(workers=workers):
+                mount = os.path.join(self.dir, "dead-" + workers)
+                os.mkdir(mount)
+                hung = subprocess.Popen([sys.executable, "-c", HANGING_FUSE, mount],
+                                        stdout=subprocess.PIPE, text=True)
+                self.addCleanup(subprocess.run, ["umount", "-l", mount], capture_output=True)
+                self.addCleanup(hung.stdout.close)
+                self.addCleanup(terminate, hung)
+                self.assertEqual(hung.stdout.readline().strip(), "mounted")
+                link = os.path.join(self.dir, "key-%s.json" % workers)
+                os.symlink(self.key_file(name="good-%s.json" % workers), link)
+                process = self.start("--key", link, "--workers", workers,
+                                     "--reload-interval", "0.1")
+                self.addCleanup(terminate, hung)  # before the process is waited for
+                self.serving(process, workers)
+                os.symlink(os.path.join(mount, "key.json"), link + ".new")
+                os.replace(link + ".new", link)  # the next look hangs
+                time.sleep(0.5)
+                process.proc.send_signal(signal.SIGHUP)
+                self.assertEqual(process.get("/healthz").status_code, 200)
+                process.proc.send_signal(signal.SIGTERM)
+                process.wait_for("(supervisor: )?stopped" if workers == "1" else "supervisor: stopped",
+                                 timeout=jwt_issuer.DRAIN_TIMEOUT_SECONDS)
+                with self.assertRaises(OSError):  # nothing listens any more
+                    socket.create_connection(("127.0.0.1", process.port), timeout=2).close()
+                terminate(hung)  # the file system goes: the waiting look fails
+                self.assertEqual(process.proc.wait(10), 0, process.log)
+                self.finish(process)
+                self.assertNotIn("Traceback", process.log)
 
     def test_a_reload_after_one_on_a_fifo_serves_the_new_key(self):
         """Item 6 (b): SIGHUP on a FIFO, then a real key file in its place and
