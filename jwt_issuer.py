@@ -331,6 +331,8 @@ def parse_jwk(jwk):
     kid = jwk.get("kid")
     if kid is not None and not (isinstance(kid, str) and kid):
         raise ValueError('"kid" must be a non-empty string')
+    if kid is not None and _CONTROL.search(kid):  # it goes into log lines
+        raise ValueError('"kid" must not hold control characters')
     x, y = _jwk_integer(jwk, "x"), _jwk_integer(jwk, "y")
     try:
         public_key = ec.EllipticCurvePublicNumbers(x, y, P256).public_key()
@@ -433,9 +435,12 @@ def parse_key_file(data):
     if not (isinstance(members, list) and members):
         raise ValueError('"keys" must be a non-empty list of JWKs')
     keys = []
+    secrets = {member.get("d") for member in members if isinstance(member, dict)} - {None}
     for number, member in enumerate(members, 1):
         try:
             keys.append(parse_jwk(member))
+            if member.get("kid") in secrets:
+                raise ValueError('"kid" must not be a private key "d": it is published')
         except ValueError as error:
             # One bad key in a JWKS breaks every login at Vault: refuse the set.
             raise ValueError("key %d: %s" % (number, error)) from None
@@ -1626,11 +1631,15 @@ def write_new_file(path, data):
     write_file(path, data, install=os.link)
 
 
-def write_file(path, data, mode=0o600, install=os.replace, owner=None):
+ACL = "system.posix_acl_access"  # an access control list, where the file system has them
+
+
+def write_file(path, data, mode=0o600, install=os.replace, owner=None, acl=None):
     """Write DATA to PATH all or nothing, so that a reader sees the old file
     or the new one, never half: a temp file in the same directory (mode 0600
-    until the data is in, then MODE, and OWNER's (uid, gid) where this user
-    may give it), fsync, INSTALL (rename or link) at PATH, fsync of the directory."""
+    until the data is in, then MODE, OWNER's (uid, gid) where this user may
+    give it, and the ACL, as bytes), fsync, INSTALL (rename or link) at PATH,
+    fsync of the directory."""
     import tempfile
     directory = os.path.dirname(path) or "."
     try:
@@ -1648,6 +1657,8 @@ def write_file(path, data, mode=0o600, install=os.replace, owner=None):
                                           "give a new file; write it as its owner, or root"
                                           % ((path,) + owner))
                 os.fchmod(temp.fileno(), mode)
+                if acl:  # after the mode: its group bits are the ACL's mask
+                    os.setxattr(temp.fileno(), ACL, acl)
                 os.fsync(temp.fileno())
             install(temp_path, path)
         finally:
@@ -3515,6 +3526,30 @@ def rotate_key_file(path, publish_ahead, retire_after, force):
     """`rotate`: one step on the key file at PATH (through a symlink, the file
     it names), written whole over it with its mode; a new file has mode 0600."""
     target = os.path.realpath(path)
+    with _rotation_lock(os.path.dirname(target)):
+        return _rotate(path, target, publish_ahead, retire_after, force)
+
+
+@contextlib.contextmanager
+def _rotation_lock(directory):
+    """One rotate at a time in DIRECTORY: a second waits, then reads what the
+    first wrote (and is refused as too early), rather than both reading the
+    same file and one's next key being lost. A lock on the directory itself:
+    no lock file is left beside the key."""
+    try:
+        import fcntl
+        fd = os.open(directory or ".", os.O_RDONLY)
+    except (ImportError, OSError):  # no flock here, or no such directory: write_file says so
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _rotate(path, target, publish_ahead, retire_after, force):
     now = int(time.time())
     if not os.path.lexists(path):
         keys = [private_jwk(ec.generate_private_key(P256)) for _ in range(2)]
@@ -3543,7 +3578,12 @@ def rotate_key_file(path, publish_ahead, retire_after, force):
         raise ConfigError("key file %s: %s" % (path, error)) from None
     for reason in overridden:
         print("rotating with --force: %s" % reason, file=sys.stderr)
-    write_file(target, text, stat.S_IMODE(status.st_mode), owner=(status.st_uid, status.st_gid))
+    try:  # who may read the key is kept whole: owner, mode, and an ACL if it has one
+        acl = os.getxattr(target, ACL)
+    except (AttributeError, OSError):  # no xattrs here, no ACL on the file
+        acl = None
+    write_file(target, text, stat.S_IMODE(status.st_mode), owner=(status.st_uid, status.st_gid),
+               acl=acl)
     print("rotated %s: %s" % (path, "; ".join(done)), file=sys.stderr)
     return 0
 
