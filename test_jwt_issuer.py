@@ -6353,6 +6353,39 @@ class ReplacementWorkerTest(LifecycleTestCase):
         self.assertEqual(process.stop(), 0, process.log)
 
 
+class ReloadOnChangeRaceTest(LifecycleTestCase):
+    """Reload on change with --workers, where its races are: a change seen by
+    the supervisor's watch while a SIGHUP comes and a worker dies, STARTS
+    rounds on one server. Every process ends up serving the file: a worker
+    forked while the supervisor reloads reloads itself."""
+
+    def test_a_change_a_sighup_and_a_dead_worker_at_once_converge(self):
+        self.busy()
+        key = self.key_file()
+        process = self.start("--key", key, "--workers", "2", "--reload-interval", "0.05")
+        self.workers_of(process)
+
+        def serving(kid):
+            try:
+                kids = {segments(process.token())[0]["kid"] for _ in range(12)}
+                published = kids_of(process.get("/auth/jwks").json())
+            except (requests.ConnectionError, AssertionError):  # a connection of the dead one
+                return False
+            return kids == {kid} and published == [kid]
+
+        for round in range(max(STARTS, 3)):
+            jwk = private_jwk(new_key())
+            self.replace_file(key, jwk)
+            process.proc.send_signal(signal.SIGHUP)
+            victims = self.live_children(process)
+            if victims:
+                os.kill(victims[round % len(victims)], signal.SIGKILL)
+            self.until(lambda: serving(jwk["kid"]), process, timeout=20,
+                       what="round %d: every process on kid %s" % (round, jwk["kid"]))
+        self.assertEqual(process.stop(), 0)
+        self.assertNotIn("Traceback", process.log)
+
+
 # ---------------------------------------------------------------- item 3
 
 class OrphanedWorkerTest(LifecycleTestCase):
