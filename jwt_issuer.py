@@ -61,6 +61,7 @@ import threading
 import time
 import unicodedata
 import urllib.parse
+import warnings
 from dataclasses import dataclass, replace
 from http import HTTPStatus
 from http.server import ThreadingHTTPServer
@@ -3256,7 +3257,13 @@ def supervise(server, service, count, ready):
         # before it has its own: signals wait, blocked, until run_worker.
         signal.pthread_sigmask(signal.SIG_BLOCK, caught)
         try:
-            pid = os.fork()
+            with warnings.catch_warnings():
+                # Python 3.12+ warns of every fork beside another thread. Here that is
+                # the reload thread, idle (a fork waits for it) or held up by a file,
+                # holding no lock a worker takes: the reload lock is made anew in it.
+                warnings.filterwarnings("ignore", r"This process .* is multi-threaded",
+                                        DeprecationWarning)
+                pid = os.fork()
             if pid == 0:
                 code = 1
                 try:

@@ -5669,7 +5669,9 @@ class RotateCommandTest(TempDirTestCase):
             before = f.read()
         # as nobody, in a child of this process: nobody may not run the Python under /root
         read, write = os.pipe()
-        pid = os.fork()
+        with warnings.catch_warnings():  # the child runs no thread of this process's
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
         if pid == 0:
             code = 99
             try:
