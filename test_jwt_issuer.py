@@ -4360,13 +4360,16 @@ class ClientCredentialsTest(TempDirTestCase):
             return status, time.process_time() - started
         timed("nobody")  # warm-up: the first 64 MiB
         unknown, wrong = [], []
-        for _ in range(3):  # interleaved: a drift in load hits both alike
+        for _ in range(5):  # interleaved: a drift in load hits both alike
             for times, client in ((unknown, "nobody"), (wrong, "slow")):
                 status, seconds = timed(client)
                 self.assertEqual(status, 401)
                 times.append(seconds)
-        unknown, wrong = statistics.median(unknown), statistics.median(wrong)
-        self.assertLess(max(unknown / wrong, wrong / unknown), 1.5, (unknown, wrong))
+        # This process's CPU time holds the tests that run beside this one, which only
+        # add to it (by medians CI once saw 1.53x): the least is what a check costs. An
+        # unknown client that skipped the check would cost 100 times less.
+        unknown, wrong = min(unknown), min(wrong)
+        self.assertLess(max(unknown / wrong, wrong / unknown), 2, (unknown, wrong))
 
     def test_discovery_and_authorization_server_metadata(self):
         for path in ("/.well-known/openid-configuration", "/.well-known/oauth-authorization-server"):
