@@ -5108,6 +5108,37 @@ class LoadTest(TempDirTestCase):
 
 # ---------------------------------------------------------------- metrics
 
+class LogLineTest(unittest.TestCase):
+
+    def test_the_issuers_handler_writes_the_line_a_record_would_make(self):
+        # log_line hands the issuer's own handler the line itself, not a record:
+        # the same text, and a held line goes out with the next, in one write.
+        logger = logging.getLogger("jwt_issuer")
+        read_end, write_end = os.pipe()
+        self.addCleanup(os.close, read_end)
+        self.addCleanup(os.close, write_end)
+        handler = jwt_issuer.LogHandler(write_end)
+        handler.setFormatter(jwt_issuer.LogFormatter("worker 1: "))
+        saved = logger.handlers, logger.level, logger.propagate
+        logger.handlers, logger.propagate = [handler], False
+        logger.setLevel(logging.INFO)
+        try:
+            jwt_issuer.log_line(logging.INFO, "issued sub=%s exp=%d", '"\u00e9"', 7, held=True)
+            self.assertEqual(select.select([read_end], [], [], 0)[0], [])  # held
+            logger.info("by a record: %s", "x")
+            jwt_issuer.log_line(logging.DEBUG, "not at this level")
+            written = os.read(read_end, 65536).decode("utf-8")
+        finally:
+            logger.handlers, logger.level, logger.propagate = saved
+        stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
+        self.assertRegex(written, r"\A%s INFO worker 1: issued sub=\"\u00e9\" exp=7\n"
+                                  r"%s INFO worker 1: by a record: x\n\Z" % (stamp, stamp))
+        fast, by_record = (line[:23] for line in written.splitlines())
+        self.assertLess(abs(datetime.datetime.strptime(fast, "%Y-%m-%d %H:%M:%S,%f")
+                            - datetime.datetime.strptime(by_record, "%Y-%m-%d %H:%M:%S,%f")),
+                        datetime.timedelta(seconds=5))
+
+
 class MetricsTest(unittest.TestCase):
     def test_counts_histograms_and_build_info(self):
         key = new_key()
