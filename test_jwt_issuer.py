@@ -4894,6 +4894,111 @@ class SlowClientSlotTest(unittest.TestCase):
         self.assertEqual(samples["connections_evicted_total"], 2)
 
 
+class TurnsTest(TempDirTestCase):
+    """Requests answered one at a time in the order they were read (Turns), and
+    nothing that waits (a client, a slow password hash) done in a turn."""
+
+    def queue_up(self, turns, count, order, then=None):
+        """COUNT threads, each asking for a turn only once the one before waits
+        for it; each notes its number in ORDER during its turn (and calls THEN)."""
+        def take_turn(number):
+            with turns:
+                order.append(number)
+                if then is not None:
+                    then(number)
+        threads = []
+        for number in range(count):
+            threads.append(threading.Thread(target=take_turn, args=(number,), daemon=True))
+            threads[-1].start()
+            eventually(lambda: len(turns._waiting) == number + 1)
+        return threads
+
+    def test_turns_are_given_in_the_order_they_were_asked_for(self):
+        turns, order = jwt_issuer.Turns(), []
+        with turns:
+            threads = self.queue_up(turns, 24, order)
+            self.assertEqual(order, [])
+        for thread in threads:
+            thread.join(10)
+        self.assertEqual(order, list(range(24)))
+        with turns:  # free again, for whoever asks
+            self.assertEqual(len(turns._waiting), 0)
+
+    def test_stepping_aside_lets_those_waiting_go_first_then_waits_behind_them(self):
+        turns, order = jwt_issuer.Turns(), []
+        with turns:
+            threads = self.queue_up(turns, 3, order)
+            with turns.aside():
+                for thread in threads:
+                    thread.join(10)
+                self.assertEqual(order, [0, 1, 2])
+                with turns:  # anyone's, this thread's too, while it is aside
+                    order.append("aside")
+            order.append("back")
+        self.assertEqual(order, [0, 1, 2, "aside", "back"])
+        with turns.aside():  # outside a turn, aside() is nothing
+            order.append("outside")
+        self.assertIsNone(turns._holder)
+
+    def test_an_error_in_a_turn_hands_it_on(self):
+        turns, order = jwt_issuer.Turns(), []
+        with self.assertRaises(ZeroDivisionError):
+            with turns:
+                threads = self.queue_up(turns, 2, order)
+                1 / 0
+        for thread in threads:
+            thread.join(10)
+        self.assertEqual(order, [0, 1])
+
+    def test_a_client_that_reads_no_answer_holds_up_no_other(self):
+        # A client pipelines requests and never reads: the server's write to it
+        # blocks once the buffers are full. A write made in a turn would stop
+        # every other request for the write timeout (a minute here).
+        with serving() as server:
+            server.write_timeout = 60
+            stalled = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self.addCleanup(stalled.close)
+            stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            stalled.connect(server.server_address[:2])
+
+            def pipeline():
+                with contextlib.suppress(OSError):
+                    stalled.sendall(JWKS * 40000)
+            threading.Thread(target=pipeline, daemon=True).start()
+            eventually(lambda: queued(stalled) >= 2048)
+            eventually(lambda: answers_stand_still(server), timeout=30)
+            for _ in range(3):
+                connection = http.client.HTTPConnection(*server.server_address[:2], timeout=10)
+                status, _, body = one_request(connection, "GET", "/auth/jwks")
+                self.assertEqual(status, 200)
+            stalled.close()
+
+    def test_a_slow_password_check_holds_up_no_other_request(self):
+        # A password check waits for a hash that runs without the GIL, here about
+        # a second: the other requests go first meanwhile, and the check is
+        # still under way when they have their answers.
+        users = os.path.join(self.dir, "users")
+        with open(users, "w") as f:
+            f.write(hash_file_line("slow", "right", "ln=16,r=8,p=2") + "\n")
+        os.chmod(users, 0o600)
+        with serving(auth_file=users) as server:
+            checking = server.service.issuer.users._checking
+            outcome = []
+            login = threading.Thread(target=lambda: outcome.append(request(
+                server, "POST", "/auth/token", b"{}",
+                dict(JSON_HEADERS, Authorization=basic("slow", "wrong")))[0]), daemon=True)
+            with self.assertLogs("jwt_issuer", "INFO"):
+                login.start()
+                eventually(lambda: checking)
+                answered = [request(server, "GET", path)[0]
+                            for path in ("/auth/jwks", "/healthz", "/auth/jwks")]
+                still_checking = bool(checking)
+                login.join(30)
+        self.assertEqual(answered, [200, 200, 200])
+        self.assertTrue(still_checking, "the other requests waited for the password check")
+        self.assertEqual(outcome, [401])
+
+
 class DescriptorTest(TempDirTestCase):
     side_by_side = True
 
