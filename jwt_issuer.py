@@ -63,7 +63,6 @@ import time
 import unicodedata
 import urllib.parse
 import warnings
-from dataclasses import dataclass, replace
 from http import HTTPStatus
 from http.server import ThreadingHTTPServer
 from typing import NamedTuple
@@ -377,8 +376,7 @@ def parse_pem_private_key(data):
     return key
 
 
-@dataclass(frozen=True)
-class KeySet:
+class KeySet(NamedTuple):
     """The keys in use: one signs, all are published, the signer first.
 
     Rotation: make the key file a JWK Set with the new private key first and
@@ -978,8 +976,7 @@ def _has_scrypt():  # hashlib has it where Python's OpenSSL does
     return hasattr(hashlib, "scrypt")
 
 
-@dataclass(frozen=True)
-class PasswordHash:
+class PasswordHash(NamedTuple):
     """A salted, slow password hash in PHC string format:
     $scrypt$ln=14,r=8,p=1$SALT$HASH or $pbkdf2-sha256$i=600000$SALT$HASH."""
 
@@ -1440,8 +1437,7 @@ def _networks(texts, source):
     return tuple(networks)
 
 
-@dataclass(frozen=True)
-class Option:
+class Option(NamedTuple):
     """A setting: its flag, and its environment variable JWT_ISSUER_<FLAG>."""
 
     flag: str
@@ -1517,10 +1513,7 @@ def is_loopback(host):
         return host == "localhost"
 
 
-@dataclass(frozen=True)
-class Config:
-    """Everything the server is told, checked once; the flags win over the environment."""
-
+class _Settings(NamedTuple):
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     key_path: str = DEFAULT_KEY_PATH
@@ -1539,7 +1532,18 @@ class Config:
     reload_interval: float = DEFAULT_RELOAD_INTERVAL_SECONDS  # 0: only SIGHUP reloads
     trusted_proxies: tuple = ()  # ip_network: peers whose forwarding headers name the client
 
-    def __post_init__(self):
+
+class Config(_Settings):
+    """Everything the server is told, checked once; the flags win over the environment."""
+
+    __slots__ = ()
+
+    def __new__(cls, *args, **kwargs):
+        self = super().__new__(cls, *args, **kwargs)
+        self._check()
+        return self
+
+    def _check(self):
         if not self.host:
             raise ConfigError("host must not be empty (0.0.0.0 listens on every IPv4 address)")
         if not self.key_path:
@@ -1592,7 +1596,7 @@ class Config:
         """The issuer URL defaults to the bound port, known only after the bind."""
         if self.issuer is not None:
             return self
-        return replace(self, issuer="%s://localhost:%d" % (self.scheme, port))
+        return self._replace(issuer="%s://localhost:%d" % (self.scheme, port))
 
 
 # ---------------------------------------------------------------- files
@@ -1886,7 +1890,7 @@ class Users:
             return time.perf_counter() - started
         settings = max(per_scheme.values(), key=seconds) if len(per_scheme) > 1 \
             else next(iter(per_scheme.values()))
-        return replace(settings, salt=os.urandom(16), digest=os.urandom(len(settings.digest)))
+        return settings._replace(salt=os.urandom(16), digest=os.urandom(len(settings.digest)))
 
     def _cache_key_of(self, user, password):
         user_bytes = user.encode("utf-8")  # length-prefixed: user and password cannot blur
@@ -1961,8 +1965,7 @@ def _hosts_served(config):
                      | {without_root_dot(name.lower()) for name in config.allowed_hosts})
 
 
-@dataclass(frozen=True)
-class Issuer:
+class Issuer(NamedTuple):
     """Everything a reload replaces, with the bytes derived from it: built
     whole by load_issuer and swapped in one assignment, so that a request,
     which reads it once, sees one state from its start to its answer; a
@@ -3439,7 +3442,7 @@ def fit_descriptors(config):
         fitted = max(1, soft - SPARE_DESCRIPTORS)
         log.warning("--max-connections %d does not fit in %d file descriptors (ulimit -n): "
                     "serving %d connections at most", config.max_connections, soft, fitted)
-        config = replace(config, max_connections=fitted)
+        config = config._replace(max_connections=fitted)
     return config
 
 
@@ -3489,7 +3492,7 @@ def serve(config):
     if config.workers > 1 and not hasattr(os, "fork"):
         log.warning("--workers %d: this platform has no fork(); serving with one process",
                     config.workers)
-        config = replace(config, workers=1)
+        config = config._replace(workers=1)
     if config.workers > 1:
         configure_logging("supervisor: ")  # every line of this process, from the first
     server, service = start_server(fit_descriptors(config))

@@ -55,7 +55,6 @@ import unicodedata
 import unittest
 import urllib.parse
 import warnings
-from dataclasses import replace
 
 import jwt  # PyJWT, the seed's verifier
 import requests  # the seed's snippet fetches the JWKS with it
@@ -2036,7 +2035,7 @@ class IssuerTest(TempDirTestCase):
     def test_an_unexpected_error_is_logged_and_what_is_in_use_stays(self):
         config = self.config()
         first, _, _ = jwt_issuer.load_issuer(config)
-        broken = replace(config, key_path=self.dir.encode() + b"/\0")  # os.open: ValueError
+        broken = config._replace(key_path=self.dir.encode() + b"/\0")  # os.open: ValueError
         with self.assertLogs("jwt_issuer", "ERROR") as logs:
             second, _, keys_loaded = jwt_issuer.load_issuer(broken, first)
         self.assertFalse(keys_loaded)
