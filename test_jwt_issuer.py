@@ -6643,6 +6643,64 @@ class ThreadTagged(list):
         super().append((threading.current_thread().name, item))
 
 
+class TurnsRaceTest(LifecycleTestCase):
+    """Turns under load, STARTS rounds on busy cores: clients asking for
+    tokens (their password checked anew after each reload, by one of them,
+    aside), for the JWKS, and with a wrong password (a slow check, aside);
+    a client that reads nothing; ten reloads a round. Every request is
+    answered, as it should be, and no client is left waiting."""
+
+    def test_every_request_is_answered_around_stalls_slow_checks_and_reloads(self):
+        self.busy()
+        users = os.path.join(self.dir, "users")
+        with open(users, "w") as f:
+            f.write("%s\n%s\n" % (hash_file_line("alice", "right"),
+                                   hash_file_line("slow", "right", "ln=15,r=8,p=1")))
+        os.chmod(users, 0o600)
+        with serving(auth_file=users) as server:
+            for start in range(STARTS):
+                self._round(server, "round %d: " % start)
+
+    def _round(self, server, where):
+        stalled = socket.create_connection(server.server_address[:2])
+        self.addCleanup(stalled.close)
+
+        def pipeline():
+            with contextlib.suppress(OSError):
+                stalled.sendall(JWKS * 20000)
+        threading.Thread(target=pipeline, daemon=True).start()
+        asks = {"token": ("POST", "/auth/token", b"{}", basic("alice", "right"), "127.0.0.1"),
+                "jwks": ("GET", "/auth/jwks", None, None, "127.0.0.1"),
+                "wrong": ("POST", "/auth/token", b"{}", basic("slow", "wrong"), "127.0.0.3")}
+        statuses, errors, stop = collections.defaultdict(collections.Counter), [], threading.Event()
+
+        def client(kind):
+            method, path, body, authorization, source = asks[kind]
+            headers = dict(JSON_HEADERS, Authorization=authorization) if authorization else {}
+            while not stop.is_set():
+                try:
+                    statuses[kind][request(server, method, path, body, headers, source)[0]] += 1
+                except (OSError, http.client.HTTPException) as error:
+                    errors.append("%s: %r" % (kind, error))
+        kinds = ["token"] * 16 + ["jwks"] * 4 + ["wrong"] * 4
+        threads = [threading.Thread(target=client, args=(kind,), daemon=True) for kind in kinds]
+        for thread in threads:
+            thread.start()
+        for _ in range(10):
+            time.sleep(0.1)
+            server.service.reload()
+        eventually(lambda: all(sum(statuses[kind].values()) >= 10 for kind in asks), timeout=30)
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+        stalled.close()
+        self.assertEqual([thread for thread in threads if thread.is_alive()], [], where)
+        self.assertEqual(errors, [], where)
+        self.assertEqual(set(statuses["token"]), {200}, where + str(dict(statuses)))
+        self.assertEqual(set(statuses["jwks"]), {200}, where + str(dict(statuses)))
+        self.assertLessEqual(set(statuses["wrong"]), {401, 429}, where + str(dict(statuses)))
+
+
 class DrainUnderLoadTest(LifecycleTestCase):
     """Item 5, the drain: a SIGTERM under load answers every request the
     server read. With 32 keep-alive clients asking for tokens, the only error
