@@ -2172,7 +2172,8 @@ class Turns:
     handed on to the thread that has waited longest. Left to themselves,
     connection threads race for the GIL, which goes to whichever thread the
     scheduler wakes; with 64 connections on one core some requests lost that
-    race for 20 times the median time. A thread takes its turn once its
+    race for 20 to 40 times the median time. The threads are there to wait
+    for their clients, not for each other. A thread takes its turn once its
     request is read whole and gives it up before it writes the answer, so a
     turn never waits for a client; a password check, which waits for a slow
     hash that runs without the GIL, steps aside()."""

@@ -7203,12 +7203,6 @@ def load_tests(loader, tests, pattern):
     return SideBySide(tests)
 
 
-if __name__ == "__main__":
-    unittest.main()
-
-
-# ---------------------------------------------------------------- Vault / OpenBao, for real
-
 
 # ---------------------------------------------------------------- Vault / OpenBao, for real
 
@@ -7802,3 +7796,7 @@ class ReadmeTest(TempDirTestCase):
             self.assertEqual(jwt.decode(token, key=key, algorithms=["ES256"])["sub"], "vishpat")
         self.assertNotIn("WARNING", process.log)
         self.assertEqual(sorted(os.listdir(self.dir)), ["key.json"])
+
+
+if __name__ == "__main__":
+    unittest.main()
