@@ -3075,9 +3075,9 @@ def log_line(level, message, *args, held=False):
         return
     handler = log.handlers[0] if len(log.handlers) == 1 else None
     if type(handler) is LogHandler and not (log.filters or handler.filters):
-        line = handler.formatter.line(time.time(), logging.getLevelName(level), message % args)
-        with handler.lock:
-            handler.write(line, held)
+        with handler.lock:  # the time read in turn: lines in the order of their stamps
+            handler.write(handler.formatter.line(time.time(), logging.getLevelName(level),
+                                                 message % args), held)
     else:
         log.handle(log.makeRecord(log.name, level, __file__, 0, message, args, None,
                                   extra={"held": True} if held else None))
@@ -3150,7 +3150,7 @@ class LogFormatter(logging.Formatter):
     """TIME LEVEL [TAG]MESSAGE, and a traceback when there is one; TAG names the
     process with --workers. The time is formatted once a second, not once a line."""
 
-    _second, _text = None, ""
+    _stamp = (None, "")  # (second, its text): one tuple, read and replaced whole
 
     def __init__(self, tag=""):
         super().__init__()
@@ -3161,12 +3161,12 @@ class LogFormatter(logging.Formatter):
         return line + "\n" + self.formatException(record.exc_info) if record.exc_info else line
 
     def line(self, created, levelname, message):
-        second = int(created)
-        if second != self._second:  # two threads may both format it: the same text
-            self._second = second
-            self._text = time.strftime(self.default_time_format, self.converter(second))
-        return "%s,%03d %s %s%s" % (self._text, (created - second) * 1000, levelname, self.tag,
-                                    message)
+        second, text = self._stamp
+        if int(created) != second:  # two threads may both format it: the same text
+            second = int(created)
+            text = time.strftime(self.default_time_format, self.converter(second))
+            self._stamp = (second, text)
+        return "%s,%03d %s %s%s" % (text, (created - second) * 1000, levelname, self.tag, message)
 
 
 def configure_logging(tag=""):
@@ -3468,9 +3468,10 @@ def start_server(config):
     """(server, service): bound, with the files loaded; ConfigError if either fails."""
     try:
         server = IssuerServer((config.host, config.port), config.max_connections)
-    except OSError as error:
+    except (OSError, UnicodeError, TypeError) as error:  # TypeError: a host not UTF-8
         raise ConfigError("cannot listen on %s port %d: %s"
-                          % (config.host, config.port, error.strerror or error)) from None
+                          % (config.host, config.port,
+                             getattr(error, "strerror", None) or error)) from None
     watcher = (FileWatcher(watched_files(config), config.reload_interval)
                if config.reload_interval else None)  # before the first read
     try:  # after the bind: a start that fails there makes no key file

@@ -5439,6 +5439,8 @@ class ProcessTest(TempDirTestCase):
              "cannot listen on 127.0.0.1 port %s: Address already in use" % busy_port),
             (["--port", "0", "--host", "no-such-host.invalid"], {},
              "cannot listen on no-such-host.invalid port "),
+            (["--port", "0", "--host", "\udcff"], {},  # the byte 0xff: not UTF-8
+             "cannot listen on \\udcff port 0: encoding of hostname failed"),
             (["--port", "0", "--key", "./key.json"], {},
              "key file ./key.json does not exist"),  # named on purpose: not made
             (["--port", "0", "--issuer", "vault"], {},
