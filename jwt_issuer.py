@@ -109,6 +109,7 @@ IDLE_TIMEOUT_SECONDS = 10  # how long a connection may wait for its next request
 REQUEST_TIMEOUT_SECONDS = 5  # from a request's first byte to its last; also a TLS handshake
 WRITE_TIMEOUT_SECONDS = 10  # for writing a whole answer, however slowly the client reads
 LINGER_SECONDS = 1  # after an early error answer, how long unread input is drained
+LOG_WAIT_SECONDS = 1  # how long a log line waits for a full stderr before lines are dropped
 DRAIN_TIMEOUT_SECONDS = 10  # on SIGTERM, how long requests in flight may take to finish
 STOP_GRACE_SECONDS = 1  # while stopping, how long an idle connection may still bring a request
 TICK_SECONDS = 0.25  # how often deadlines are enforced
@@ -3083,18 +3084,38 @@ def log_line(level, message, *args, held=False):
                                   extra={"held": True} if held else None))
 
 
+def never_waiting_writer(fd):
+    """(fd, write): a way to write to FD's stream that returns at once when the
+    stream is full, whatever its reader does: a pipe is opened anew,
+    non-blocking (a file description of this process's own: the shell's, or a
+    log shipper's, stays as it was); a socket (journald's) is sent to with
+    MSG_DONTWAIT. A file or a terminal is written to as it is."""
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISFIFO(mode):
+            own = os.open("/proc/self/fd/%d" % fd, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            return own, functools.partial(os.write, own)
+        if stat.S_ISSOCK(mode):
+            stream = socket.socket(fileno=os.dup(fd))
+            return stream.fileno(), lambda data: stream.send(data, socket.MSG_DONTWAIT)
+    except (OSError, AttributeError):  # no /proc, no MSG_DONTWAIT: as it is
+        pass
+    return fd, functools.partial(os.write, fd)
+
+
 class LogHandler(logging.Handler):
-    """Lines to a file descriptor (stderr), each written whole with os.write().
-    When the stream will not take a line (a full non-blocking pipe), the line
-    is dropped and counted in /metrics, and one line says how many were lost
+    """Lines to a file descriptor (stderr), each written whole in one write.
+    When the stream will not take a line for LOG_WAIT_SECONDS (a log reader
+    that stopped reading), the line is dropped and counted in /metrics, as are
+    the lines after it without a wait, and one line says how many were lost
     once the stream takes lines again; a line cut short is finished before any
-    other. Never more than one write per line."""
+    other. A stalled reader so never holds up a request, or the stop."""
 
     metrics = None  # counts the lines lost, once the server has its Metrics
 
     def __init__(self, fd=2):
         super().__init__()
-        self.fd = fd
+        self.fd, self._send = never_waiting_writer(fd)
         self._held = b""
         self._unfinished = b""  # the rest of a line the stream took only part of
         self._dropped = 0
@@ -3131,11 +3152,16 @@ class LogHandler(logging.Handler):
 
     def _write(self, data):
         """What of DATA the stream would not take: b"" when it took it all."""
-        view = memoryview(data)
+        view, waited = memoryview(data), bool(self._dropped)
         try:
             while view:
-                view = view[os.write(self.fd, view):]
-        except OSError:  # EAGAIN from a full non-blocking pipe; EPIPE
+                try:
+                    view = view[self._send(view):]
+                except BlockingIOError:  # full: wait once, unless lines are being dropped
+                    if waited or not select.select([], [self.fd], [], LOG_WAIT_SECONDS)[1]:
+                        break
+                    waited = True
+        except (OSError, ValueError):  # EPIPE; a descriptor select() cannot take
             pass
         return bytes(view)
 

@@ -6954,6 +6954,7 @@ class LogLossTest(LifecycleTestCase):
     for: it arrived, or a "lost" line counted it."""
 
     REQUESTS = 2000  # ~200 KB of log lines: three times what the pipe holds
+    NONBLOCKING = True  # the pipe's own mode: BlockingLogLossTest has a blocking one
     WHOLE = re.compile(LifecycleTestCase.LOG_LINE.pattern
                        + r"(?:.* \d{3} \d+ \d+\.\dms"  # an access line
                        r"|issued sub=\S+ kid=\S+ jti=\S+ exp=\d+"  # a token's audit line
@@ -6963,7 +6964,8 @@ class LogLossTest(LifecycleTestCase):
         super().setUp()
         self.read_end, write_end = os.pipe()
         self.addCleanup(os.close, self.read_end)
-        fcntl.fcntl(write_end, fcntl.F_SETFL, fcntl.fcntl(write_end, fcntl.F_GETFL) | os.O_NONBLOCK)
+        if self.NONBLOCKING:
+            os.set_blocking(write_end, False)
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, MODULE, "--port", "0", "--key", self.key_file()],
@@ -7000,6 +7002,37 @@ class LogLossTest(LifecycleTestCase):
                     break
                 answer += data
         return int(answer.split(b" ", 2)[1])
+
+    def started_port(self):
+        deadline = time.monotonic() + 10
+        while not re.search(rb"listening on http://\S+:\d+\n", self.received):
+            self.assertLess(time.monotonic(), deadline, bytes(self.received))
+            self.read_available(timeout=0.1)
+        return int(re.search(rb"listening on http://\S+:(\d+)\n", self.received).group(1))
+
+    def test_a_stalled_stderr_holds_up_no_request_and_not_the_stop(self):
+        # A log reader that stops reading (a stuck shipper, a paused terminal):
+        # 3000 answers, each logged, all come; the lines the pipe cannot take
+        # are counted; SIGTERM stops the server. A write that waited for the
+        # reader held its turn and the log's lock: every request and the stop hung.
+        port = self.started_port()
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        self.addCleanup(connection.close)
+        for _ in range(3000):
+            connection.request("GET", "/healthz")
+            response = connection.getresponse()
+            response.read()
+            self.assertEqual(response.status, 200)
+        connection.request("GET", "/metrics")
+        metrics = connection.getresponse().read().decode()
+        self.assertRegex(metrics, r"jwt_issuer_log_lines_dropped_total [1-9]\d*\n")
+        connection.close()
+        self.proc.send_signal(signal.SIGTERM)
+        self.assertEqual(self.proc.wait(jwt_issuer.DRAIN_TIMEOUT_SECONDS), 0)
+        self.read_available()
+        lines = self.lines_since(0)
+        self.assertEqual([line for line in lines if not self.LOG_LINE.match(line)
+                          and not line.startswith("listening on")], [])
 
     def test_a_full_stderr_drops_whole_lines_counts_them_and_says_so_once(self):
         """Item 8: stderr a non-blocking pipe left unread until full, 2000
@@ -7081,6 +7114,13 @@ class LogLossTest(LifecycleTestCase):
 
 
 # ---------------------------------------------------------------- item 32
+
+class BlockingLogLossTest(LogLossTest):
+    """The same with stderr a blocking pipe, as a shell's or a log shipper's is:
+    the issuer writes to it through a non-blocking description of its own."""
+
+    NONBLOCKING = False
+
 
 class WorkerLogTagTest(LifecycleTestCase):
     """Item 32: with --workers, every log line names its process: a worker's
