@@ -3116,7 +3116,7 @@ class LogHandler(logging.Handler):
     def __init__(self, fd=2):
         super().__init__()
         self.fd, self._send = never_waiting_writer(fd)
-        self._held = b""
+        self._held = {}  # thread -> the line it holds for its next: a token's audit line
         self._unfinished = b""  # the rest of a line the stream took only part of
         self._dropped = 0
 
@@ -3129,12 +3129,12 @@ class LogHandler(logging.Handler):
         self.write(line, record.__dict__.get("held"))  # not getattr(): no exception made
 
     def write(self, line, held=False):
-        """LINE, now or (HELD) with the next one; under self.lock."""
-        line = (line + "\n").encode("utf-8", "backslashreplace")
+        """LINE, now or (HELD) with this thread's next one; under self.lock."""
+        line, thread = (line + "\n").encode("utf-8", "backslashreplace"), threading.get_ident()
         if held:
-            self._held += line
+            self._held[thread] = self._held.get(thread, b"") + line
             return
-        lines, self._held = self._held + line, b""
+        lines = self._held.pop(thread, b"") + line
         if self._unfinished:  # the rest of a line cut short goes first, or nothing does
             self._unfinished = self._write(self._unfinished)
             if self._unfinished:

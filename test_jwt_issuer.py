@@ -5238,9 +5238,39 @@ class LogLineTest(unittest.TestCase):
         self.assertRegex(written, r"\A%s INFO worker 1: issued sub=\"\u00e9\" exp=7\n"
                                   r"%s INFO worker 1: by a record: x\n\Z" % (stamp, stamp))
         fast, by_record = (line[:23] for line in written.splitlines())
+
         self.assertLess(abs(datetime.datetime.strptime(fast, "%Y-%m-%d %H:%M:%S,%f")
                             - datetime.datetime.strptime(by_record, "%Y-%m-%d %H:%M:%S,%f")),
                         datetime.timedelta(seconds=5))
+
+    def test_a_held_line_goes_out_with_its_own_threads_next_line(self):
+        # A token's audit line waits for its request's access line; a line
+        # another thread writes meanwhile (a malformed request's, outside any
+        # turn) goes out alone.
+        logger = logging.getLogger("jwt_issuer")
+        read_end, write_end = os.pipe()
+        self.addCleanup(os.close, read_end)
+        self.addCleanup(os.close, write_end)
+        handler = jwt_issuer.LogHandler(write_end)
+        handler.setFormatter(jwt_issuer.LogFormatter())
+        saved = logger.handlers, logger.level, logger.propagate
+        logger.handlers, logger.propagate = [handler], False
+        logger.setLevel(logging.INFO)
+        writes = []
+        try:
+            jwt_issuer.log_line(logging.INFO, "issued sub=%s", '"a"', held=True)
+            other = threading.Thread(target=jwt_issuer.log_line,
+                                     args=(logging.INFO, "another request"))
+            other.start()
+            other.join()
+            writes.append(os.read(read_end, 65536).decode())
+            jwt_issuer.log_line(logging.INFO, "the access line of a's request")
+            writes.append(os.read(read_end, 65536).decode())
+        finally:
+            logger.handlers, logger.level, logger.propagate = saved
+        self.assertRegex(writes[0], r"\A\S+ \S+ INFO another request\n\Z")
+        self.assertRegex(writes[1], r'\A\S+ \S+ INFO issued sub="a"\n'
+                                    r"\S+ \S+ INFO the access line of a's request\n\Z")
 
 
 class MetricsTest(unittest.TestCase):
