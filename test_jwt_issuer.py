@@ -5214,31 +5214,39 @@ class LoadTest(TempDirTestCase):
 
 class LogLineTest(unittest.TestCase):
 
-    def test_the_issuers_handler_writes_the_line_a_record_would_make(self):
-        # log_line hands the issuer's own handler the line itself, not a record:
-        # the same text, and a held line goes out with the next, in one write.
+    @contextlib.contextmanager
+    def issuers_handler(self, tag=""):
+        """The module's logger with the issuer's own handler alone, on a pipe:
+        the pipe's read end."""
         logger = logging.getLogger("jwt_issuer")
         read_end, write_end = os.pipe()
         self.addCleanup(os.close, read_end)
         self.addCleanup(os.close, write_end)
         handler = jwt_issuer.LogHandler(write_end)
-        handler.setFormatter(jwt_issuer.LogFormatter("worker 1: "))
+        if handler.fd != write_end:  # the pipe opened anew, non-blocking
+            self.addCleanup(os.close, handler.fd)
+        handler.setFormatter(jwt_issuer.LogFormatter(tag))
         saved = logger.handlers, logger.level, logger.propagate
         logger.handlers, logger.propagate = [handler], False
         logger.setLevel(logging.INFO)
         try:
-            jwt_issuer.log_line(logging.INFO, "issued sub=%s exp=%d", '"\u00e9"', 7, held=True)
-            self.assertEqual(select.select([read_end], [], [], 0)[0], [])  # held
-            logger.info("by a record: %s", "x")
-            jwt_issuer.log_line(logging.DEBUG, "not at this level")
-            written = os.read(read_end, 65536).decode("utf-8")
+            yield read_end
         finally:
             logger.handlers, logger.level, logger.propagate = saved
+
+    def test_the_issuers_handler_writes_the_line_a_record_would_make(self):
+        # log_line hands the issuer's own handler the line itself, not a record:
+        # the same text, and a held line goes out with the next, in one write.
+        with self.issuers_handler("worker 1: ") as read_end:
+            jwt_issuer.log_line(logging.INFO, "issued sub=%s exp=%d", '"\u00e9"', 7, held=True)
+            self.assertEqual(select.select([read_end], [], [], 0)[0], [])  # held
+            logging.getLogger("jwt_issuer").info("by a record: %s", "x")
+            jwt_issuer.log_line(logging.DEBUG, "not at this level")
+            written = os.read(read_end, 65536).decode("utf-8")
         stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
         self.assertRegex(written, r"\A%s INFO worker 1: issued sub=\"\u00e9\" exp=7\n"
                                   r"%s INFO worker 1: by a record: x\n\Z" % (stamp, stamp))
         fast, by_record = (line[:23] for line in written.splitlines())
-
         self.assertLess(abs(datetime.datetime.strptime(fast, "%Y-%m-%d %H:%M:%S,%f")
                             - datetime.datetime.strptime(by_record, "%Y-%m-%d %H:%M:%S,%f")),
                         datetime.timedelta(seconds=5))
@@ -5247,17 +5255,8 @@ class LogLineTest(unittest.TestCase):
         # A token's audit line waits for its request's access line; a line
         # another thread writes meanwhile (a malformed request's, outside any
         # turn) goes out alone.
-        logger = logging.getLogger("jwt_issuer")
-        read_end, write_end = os.pipe()
-        self.addCleanup(os.close, read_end)
-        self.addCleanup(os.close, write_end)
-        handler = jwt_issuer.LogHandler(write_end)
-        handler.setFormatter(jwt_issuer.LogFormatter())
-        saved = logger.handlers, logger.level, logger.propagate
-        logger.handlers, logger.propagate = [handler], False
-        logger.setLevel(logging.INFO)
         writes = []
-        try:
+        with self.issuers_handler() as read_end:
             jwt_issuer.log_line(logging.INFO, "issued sub=%s", '"a"', held=True)
             other = threading.Thread(target=jwt_issuer.log_line,
                                      args=(logging.INFO, "another request"))
@@ -5266,8 +5265,6 @@ class LogLineTest(unittest.TestCase):
             writes.append(os.read(read_end, 65536).decode())
             jwt_issuer.log_line(logging.INFO, "the access line of a's request")
             writes.append(os.read(read_end, 65536).decode())
-        finally:
-            logger.handlers, logger.level, logger.propagate = saved
         self.assertRegex(writes[0], r"\A\S+ \S+ INFO another request\n\Z")
         self.assertRegex(writes[1], r'\A\S+ \S+ INFO issued sub="a"\n'
                                     r"\S+ \S+ INFO the access line of a's request\n\Z")
