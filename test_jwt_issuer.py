@@ -2653,9 +2653,8 @@ class HostileTest(unittest.TestCase):
             data, self.stalled(data))) for data in cases]
         for waiter in waiters:
             waiter.start()
-        started = time.monotonic()
-        self.assertEqual(self.send(post(BODY)), [200])  # meanwhile, others are served
-        self.assertLess(time.monotonic() - started, 0.5)
+        self.assertEqual(self.send(post(BODY)), [200])  # meanwhile, others are served ...
+        self.assertEqual(stalled_for, {})  # ... before any stalled one is dropped
         for waiter in waiters:
             waiter.join()
         for data in cases:
@@ -2724,14 +2723,23 @@ class HostileTest(unittest.TestCase):
             self.assertLess(time.monotonic() - started, 8)
 
     def test_many_slow_clients_at_once(self):
+        # A hundred unfinished requests hold a hundred threads, not the server:
+        # others are answered while every one of them is still being waited for.
+        # Not timed: the requests may take as long as a loaded machine makes them.
+        self.server.request_timeout = 60.0
+        self.addCleanup(setattr, self.server, "request_timeout", 1.0)
         socks = [socket.create_connection(self.server.server_address[:2]) for _ in range(100)]
         try:
             for sock in socks:
                 sock.sendall(b"POST /auth/token HTTP/1.1\r\n")
-            started = time.monotonic()
+            eventually(lambda: len(self.server.slots) == 100)
             for _ in range(10):
                 self.assertEqual(self.send(post(BODY)), [200])
-            self.assertLess(time.monotonic() - started, 1)
+            self.assertEqual(len(self.server.slots), 100)
+            for sock in socks:
+                sock.setblocking(False)
+                with self.assertRaises(BlockingIOError):  # no answer, and not closed
+                    sock.recv(1)
         finally:
             for sock in socks:
                 sock.close()
@@ -4581,9 +4589,8 @@ class ConnectionLimitTest(unittest.TestCase):
             # now every slot reads a request
             eventually(lambda: counted(server, "connections_evicted_total") == 24 + 1 + 15)
             with self.assertLogs("jwt_issuer", "WARNING") as logs:
-                started = time.monotonic()
                 status, headers, body = request(server, "GET", "/healthz")
-                self.assertLess(time.monotonic() - started, 0.5)
+            self.assertEqual(len(server.slots), 16)  # answered before any stalled one gave way
             self.assertEqual((status, headers["Retry-After"], headers["Connection"]),
                              (503, "1", "close"))
             self.assertEqual(json.loads(body), {"error": "temporarily_unavailable",
