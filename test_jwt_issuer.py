@@ -2675,33 +2675,39 @@ class HostileTest(unittest.TestCase):
                 pass
             else:
                 self.fail("the whole dripped request was taken")
-            self.assertLess(time.monotonic() - started, self.server.request_timeout + 1.5)
+            self.assertLess(time.monotonic() - started, self.server.request_timeout + 3)
             self.assertLess(sent, len(post(BODY)))
 
+    def give_requests_a_minute(self):
+        """Requests time out after a minute, not a second: an answer read within
+        a socket timeout of 10 s came without waiting for the rest of a request."""
+        self.server.request_timeout = 60.0
+        self.addCleanup(setattr, self.server, "request_timeout", 1.0)
+
     def test_a_long_request_line_is_refused_as_soon_as_it_is_over_the_limit(self):
+        self.give_requests_a_minute()
         with socket.create_connection(self.server.server_address[:2], timeout=10) as sock:
             sock.sendall(b"GET /" + b"a" * jwt_issuer.MAX_REQUEST_LINE_BYTES)  # and no line end
-            started = time.monotonic()
             status, headers, _ = read_response(sock.makefile("rb"))
             self.assertEqual((status, headers["Connection"]), (414, "close"))
-            self.assertLess(time.monotonic() - started, self.server.request_timeout / 2)
 
     def test_an_idle_connection_is_closed(self):
-        self.assertAlmostEqual(self.stalled(b""), self.server.idle_timeout, delta=0.5)
+        waited = self.stalled(b"")
+        self.assertGreater(waited, self.server.idle_timeout - 0.1)  # not before its time
+        self.assertLess(waited, self.server.idle_timeout + 5)  # and not left to the client
 
     def test_a_tls_hello_after_an_empty_line_is_refused_when_it_comes(self):
         # The first byte of a request line decides, whatever came before it and
         # in however many pieces: here an empty line, then a TLS ClientHello.
+        self.give_requests_a_minute()
         with socket.create_connection(("127.0.0.1", self.server.server_address[1])) as sock:
             sock.sendall(b"\r\n")
             time.sleep(0.2)
-            sent = time.monotonic()
             sock.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
-            sock.settimeout(5)
+            sock.settimeout(10)
             response = read_response(sock.makefile("rb"))
         self.assertIsNotNone(response)
         self.assertEqual(response[0], 400)
-        self.assertLess(time.monotonic() - sent, self.server.request_timeout / 2)
 
     def test_an_answer_the_client_does_not_read_is_given_up_on(self):
         # A client that asks and asks but never reads: once the kernel's buffers
@@ -2726,8 +2732,7 @@ class HostileTest(unittest.TestCase):
         # A hundred unfinished requests hold a hundred threads, not the server:
         # others are answered while every one of them is still being waited for.
         # Not timed: the requests may take as long as a loaded machine makes them.
-        self.server.request_timeout = 60.0
-        self.addCleanup(setattr, self.server, "request_timeout", 1.0)
+        self.give_requests_a_minute()
         socks = [socket.create_connection(self.server.server_address[:2]) for _ in range(100)]
         try:
             for sock in socks:
