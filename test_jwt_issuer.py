@@ -3402,6 +3402,9 @@ class AuthProcessTest(TempDirTestCase):
                 while output.count(b"Password") < number or not output.rstrip().endswith(b":"):
                     self.assertTrue(select.select([fd], [], [], 10)[0], output)
                     output += os.read(fd, 1024)
+                # and for the read of the answer: a Ctrl-C that comes between the prompt
+                # and that read is acted on by CPython only once the read returns
+                eventually(lambda: asleep(pid), timeout=10)
                 os.write(fd, answer)
             while True:
                 self.assertTrue(select.select([fd], [], [], 10)[0], output)
@@ -5104,6 +5107,12 @@ class DescriptorTest(TempDirTestCase):
             self.assertEqual(results[-1:], [200], "answers: %s" % results)
         self.assertEqual(len(re.findall("cannot accept connections", server.log)), 1,
                          "one line per 10 s")
+
+
+def asleep(pid):
+    """The process waits in a system call (after a prompt: the read of the answer)."""
+    with open("/proc/%d/stat" % pid) as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "S"
 
 
 def proc_status(pid):
