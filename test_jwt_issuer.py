@@ -4797,7 +4797,8 @@ class SlowClientSlotTest(unittest.TestCase):
             slow.close()
 
         self.assertEqual(attempts[-1], 200, "attempts: %s" % attempts)
-        self.assertLess(took, 2.5, "attempts: %s" % attempts)
+        # well before WRITE_TIMEOUT_SECONDS would have freed the slot anyway
+        self.assertLess(took, jwt_issuer.WRITE_TIMEOUT_SECONDS / 2, "attempts: %s" % attempts)
         self.assertEqual(len(outcome), 1)
         self.assertTrue(outcome[0].startswith("closed"),
                         "the slow reader's connection was not the one closed: %s after %d bytes"
