@@ -221,7 +221,10 @@ def eventually(condition, timeout=5):
 @contextlib.contextmanager
 def serving(*keys, **settings):
     """A real server on 127.0.0.1, port 0, started as the module starts one
-    (its key file written to a temp dir), serving in a thread."""
+    (its key file written to a temp dir), serving in a thread. Only on the
+    main thread: the module's logger is one per process, and a test there may
+    have swapped its handlers for its own (see SideBySide)."""
+    assert threading.current_thread() is threading.main_thread(), "serving() side by side"
     directory = tempfile.mkdtemp(prefix="jwt-issuer-serving-")
     key_path = os.path.join(directory, "key.json")
     keys = keys or (new_key(),)
@@ -6699,7 +6702,10 @@ class TurnsRaceTest(LifecycleTestCase):
     tokens (their password checked anew after each reload, by one of them,
     aside), for the JWKS, and with a wrong password (a slow check, aside);
     a client that reads nothing; ten reloads a round. Every request is
-    answered, as it should be, and no client is left waiting."""
+    answered, as it should be, no client is left waiting, and nothing is
+    logged as an error."""
+
+    side_by_side = False  # its server runs in this process: see serving()
 
     def test_every_request_is_answered_around_stalls_slow_checks_and_reloads(self):
         self.busy()
@@ -6708,9 +6714,13 @@ class TurnsRaceTest(LifecycleTestCase):
             f.write("%s\n%s\n" % (hash_file_line("alice", "right"),
                                    hash_file_line("slow", "right", "ln=15,r=8,p=1")))
         os.chmod(users, 0o600)
-        with serving(auth_file=users) as server:
+        # each reload warns that the two hashes differ in cost, as they are meant to
+        with self.assertLogs("jwt_issuer", "WARNING") as logs, \
+                serving(auth_file=users) as server:
             for start in range(STARTS):
                 self._round(server, "round %d: " % start)
+        self.assertEqual([record.getMessage() for record in logs.records
+                          if record.levelno >= logging.ERROR], [])
 
     def _round(self, server, where):
         stalled = socket.create_connection(server.server_address[:2])
