@@ -2647,22 +2647,34 @@ class HostileTest(unittest.TestCase):
             self.assertEqual(sock.recv(1024), b"")
             return time.monotonic() - started
 
-    def test_a_stalled_request_is_dropped_and_blocks_no_one(self):
-        cases = [b"POST /auth/token HTTP/1.1\r\nHost: localhost\r\n",  # head never ends
-                 post(BODY, length=b"40"),  # body never completes
-                 b"G"]  # one byte of a request line
+    STALLS = [b"POST /auth/token HTTP/1.1\r\nHost: localhost\r\n",  # head never ends
+              post(BODY, length=b"40"),  # body never completes
+              b"G"]  # one byte of a request line
+
+    def test_a_stalled_request_is_dropped(self):
         stalled_for = {}
         waiters = [threading.Thread(target=lambda data=data: stalled_for.__setitem__(
-            data, self.stalled(data))) for data in cases]
+            data, self.stalled(data))) for data in self.STALLS]
         for waiter in waiters:
             waiter.start()
-        self.assertEqual(self.send(post(BODY)), [200])  # meanwhile, others are served ...
-        self.assertEqual(stalled_for, {})  # ... before any stalled one is dropped
         for waiter in waiters:
             waiter.join()
-        for data in cases:
+        for data in self.STALLS:
             with self.subTest(data=data[:30]):
                 self.assertLess(stalled_for[data], self.server.request_timeout + 1)
+
+    def test_stalled_requests_block_no_one(self):
+        self.give_requests_a_minute()
+        socks = [socket.create_connection(self.server.server_address[:2]) for _ in self.STALLS]
+        try:
+            for sock, data in zip(socks, self.STALLS):
+                sock.sendall(data)
+            eventually(lambda: len(self.server.slots) == len(self.STALLS))
+            self.assertEqual(self.send(post(BODY)), [200])
+            self.assert_held(socks)
+        finally:
+            for sock in socks:
+                sock.close()
 
     def test_a_request_dripped_a_byte_at_a_time_is_dropped(self):
         sock = socket.create_connection(self.server.server_address[:2], timeout=10)
@@ -2682,10 +2694,21 @@ class HostileTest(unittest.TestCase):
             self.assertLess(sent, len(post(BODY)))
 
     def give_requests_a_minute(self):
-        """Requests time out after a minute, not a second: an answer read within
-        a socket timeout of 10 s came without waiting for the rest of a request."""
-        self.server.request_timeout = 60.0
-        self.addCleanup(setattr, self.server, "request_timeout", 1.0)
+        """Requests (and the wait for one) time out after a minute, not a second:
+        an answer read within a socket timeout of 10 s came without waiting for
+        the rest of a request, however slow the machine."""
+        for name in ("request_timeout", "idle_timeout"):
+            self.addCleanup(setattr, self.server, name, getattr(self.server, name))
+            setattr(self.server, name, 60.0)
+        eventually(lambda: len(self.server.slots) == 0)  # none left from an earlier test
+
+    def assert_held(self, socks):
+        """Each of SOCKS still holds its slot, open and with no answer."""
+        self.assertEqual(len(self.server.slots), len(socks))
+        for sock in socks:
+            sock.setblocking(False)
+            with self.assertRaises(BlockingIOError):
+                sock.recv(1)
 
     def test_a_long_request_line_is_refused_as_soon_as_it_is_over_the_limit(self):
         self.give_requests_a_minute()
@@ -2697,7 +2720,7 @@ class HostileTest(unittest.TestCase):
     def test_an_idle_connection_is_closed(self):
         waited = self.stalled(b"")
         self.assertGreater(waited, self.server.idle_timeout - 0.1)  # not before its time
-        self.assertLess(waited, self.server.idle_timeout + 5)  # and not left to the client
+        self.assertLess(waited, self.server.idle_timeout + 2.5)  # not a default of 5 or 10
 
     def test_a_tls_hello_after_an_empty_line_is_refused_when_it_comes(self):
         # The first byte of a request line decides, whatever came before it and
@@ -2743,11 +2766,7 @@ class HostileTest(unittest.TestCase):
             eventually(lambda: len(self.server.slots) == 100)
             for _ in range(10):
                 self.assertEqual(self.send(post(BODY)), [200])
-            self.assertEqual(len(self.server.slots), 100)
-            for sock in socks:
-                sock.setblocking(False)
-                with self.assertRaises(BlockingIOError):  # no answer, and not closed
-                    sock.recv(1)
+            self.assert_held(socks)
         finally:
             for sock in socks:
                 sock.close()
@@ -3407,7 +3426,10 @@ class AuthProcessTest(TempDirTestCase):
                     output += os.read(fd, 1024)
                 # and for the read of the answer: a Ctrl-C that comes between the prompt
                 # and that read is acted on by CPython only once the read returns
-                eventually(lambda: asleep(pid), timeout=10)
+                try:
+                    eventually(lambda: asleep(pid), timeout=10)
+                except AssertionError:
+                    self.fail("not waiting for an answer after: %r" % output)
                 os.write(fd, answer)
             while True:
                 self.assertTrue(select.select([fd], [], [], 10)[0], output)
@@ -4581,7 +4603,8 @@ class OAuthClientsTest(TempDirTestCase):
 class ConnectionLimitTest(unittest.TestCase):
     def test_idle_connections_make_room_then_clients_get_a_fast_503(self):
         with serving(max_connections=16) as server:
-            server.request_timeout, server.idle_timeout = 1.0, 5.0
+            # a minute each: what closes a connection here is the shortage of slots alone
+            server.request_timeout, server.idle_timeout = 60.0, 60.0
             address = server.server_address[:2]
             idle = [socket.create_connection(address) for _ in range(40)]
             self.addCleanup(lambda: [sock.close() for sock in idle])
@@ -4601,14 +4624,16 @@ class ConnectionLimitTest(unittest.TestCase):
             eventually(lambda: counted(server, "connections_evicted_total") == 24 + 1 + 15)
             with self.assertLogs("jwt_issuer", "WARNING") as logs:
                 status, headers, body = request(server, "GET", "/healthz")
-            self.assertEqual(len(server.slots), 16)  # answered before any stalled one gave way
+            self.assertEqual(len(server.slots), 16)  # every stalled request still in its place
             self.assertEqual((status, headers["Retry-After"], headers["Connection"]),
                              (503, "1", "close"))
             self.assertEqual(json.loads(body), {"error": "temporarily_unavailable",
                                                 "error_description": "too many connections"})
             self.assertEqual(logs.records[0].getMessage(), "refused a connection: all 16 slots hold "
                              "requests in progress (said at most every 10 s)")
-            # once the stalled requests time out, there is room again
+            # once the stalled requests are gone, there is room again
+            for sock in halves:
+                sock.close()
             eventually(lambda: len(server.slots) == 0)
             self.assertEqual(request(server, "GET", "/healthz")[0], 200)
 
@@ -4735,8 +4760,10 @@ class SlowClientSlotTest(unittest.TestCase):
         # Fault 10b: with --max-connections 1, a client pipelining 20,000
         # requests and reading 1 KB/s is always writing, never idle: it held
         # the only slot and every other client got 503. Its connection must
-        # be the one closed, and another client answered within seconds.
+        # be the one closed, and another client answered: with a write timeout
+        # of a minute, only its giving way can make the room.
         with serving(max_connections=1) as server:
+            server.write_timeout = 60.0
             slow = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             self.addCleanup(slow.close)
             slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -4780,7 +4807,6 @@ class SlowClientSlotTest(unittest.TestCase):
             eventually(lambda: queued(slow) >= 2048)
             eventually(lambda: answers_stand_still(server), timeout=30)
 
-            started = time.monotonic()
             attempts = []
             for _ in range(2):  # a client that honours Retry-After once
                 try:
@@ -4792,7 +4818,6 @@ class SlowClientSlotTest(unittest.TestCase):
                 if status != 503:
                     break
                 time.sleep(int(headers.get("Retry-After", "1")))
-            took = time.monotonic() - started
             draining.set()
             threads[1].join(15)
             samples = {name: counted(server, name) for name in (
@@ -4800,8 +4825,6 @@ class SlowClientSlotTest(unittest.TestCase):
             slow.close()
 
         self.assertEqual(attempts[-1], 200, "attempts: %s" % attempts)
-        # well before WRITE_TIMEOUT_SECONDS would have freed the slot anyway
-        self.assertLess(took, jwt_issuer.WRITE_TIMEOUT_SECONDS / 2, "attempts: %s" % attempts)
         self.assertEqual(len(outcome), 1)
         self.assertTrue(outcome[0].startswith("closed"),
                         "the slow reader's connection was not the one closed: %s after %d bytes"
