@@ -5612,25 +5612,27 @@ class ProcessTest(TempDirTestCase):
 class WorkersTest(TempDirTestCase):
     side_by_side = True
 
-    def cpu_ticks(self, pid):
-        with open("/proc/%d/stat" % pid) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])  # utime + stime
-
     def test_workers_share_the_socket_and_the_counts(self):
         old, new = new_key(), new_key()
         path = self.key_file(old)
         process = self.start("--key", path, "--workers", "2")
         self.assertIn("supervisor: 2 workers serving", process.log)
-        workers = process.children()
-        self.assertEqual(len(workers), 2)
-        before = [self.cpu_ticks(pid) for pid in workers]
+        self.assertEqual(len(process.children()), 2)
+
+        def answering():  # the workers whose access lines the log holds
+            return set(re.findall(r' INFO (worker \d): 127\.0\.0\.1 "POST /auth/token ',
+                                  process.log))
         results = []
-        for thread in token_load(process.url, clients=8, seconds=1.5, results=results):
-            thread.join()
+        # both take a share of the work: the kernel hands each new connection to one
+        # of them, and 8 of them, kept alive, may all go to the same; so more rounds
+        for _ in range(10):
+            for thread in token_load(process.url, clients=8, seconds=0.5, results=results):
+                thread.join()
+            with contextlib.suppress(AssertionError):
+                eventually(lambda: answering() == {"worker 1", "worker 2"}, timeout=1)
+                break
+        self.assertEqual(answering(), {"worker 1", "worker 2"}, process.log[-2000:])
         self.assertEqual({status for status, _, _ in results}, {200})
-        for pid, ticks in zip(workers, before):  # both took a share of the work
-            self.assertGreater(self.cpu_ticks(pid), ticks, "worker %d served nothing" % pid)
         # every scrape, whichever worker answers it, has the totals of both
         totals = {scrape(process.url)[("jwt_issuer_tokens_issued_total",)] for _ in range(6)}
         self.assertEqual(totals, {len(results)})
@@ -6640,7 +6642,8 @@ class OrphanedWorkerTest(LifecycleTestCase):
         STARTS times (the issue asks once; the race needs a few tries)."""
         self.busy()
         key = self.key_file()
-        for start in range(STARTS):
+        start, port_taken = 0, 0
+        while start < STARTS:
             port = free_port()
             process = FastProcess("--port", str(port), "--key", key, "--workers", "2")
             self.addCleanup(process.kill)
@@ -6650,15 +6653,23 @@ class OrphanedWorkerTest(LifecycleTestCase):
                 seen, deadline = [], time.monotonic() + 10
                 while not seen and time.monotonic() < deadline and process.proc.poll() is None:
                     seen = [int(pid) for pid in os.pread(fd, 4096, 0).split()]
-                os.kill(process.proc.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):  # it ended by itself: see below
+                    os.kill(process.proc.pid, signal.SIGKILL)
             finally:
                 os.close(fd)
+            if not seen and process.proc.wait(10) == 2 and port_taken < 5:
+                with contextlib.suppress(AssertionError):
+                    # free_port()'s port, taken meanwhile by a connection of a test side by side
+                    process.wait_for("Address already in use", timeout=2)
+                    port_taken += 1
+                    continue
             self.worker_pids.update(seen)
             self.assertTrue(seen, "start %d: no worker appeared; log:\n%s" % (start, process.log))
             self.assertEqual(process.proc.wait(10), -signal.SIGKILL)
             self.until(lambda: self.refused(port) and not any(alive(pid) for pid in seen),
                        process, timeout=3, what="start %d: port %d refused and workers %s gone"
                        % (start, port, seen))
+            start += 1
 
 
 # ---------------------------------------------------------------- item 4
