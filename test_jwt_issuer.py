@@ -6844,7 +6844,8 @@ class DrainUnderLoadTest(LifecycleTestCase):
             per_client.setdefault(name, []).append(result)
         errors = [result[1] for _, result in tagged if result[0] is None
                   and not result[1].startswith("ConnectionRefusedError")]
-        self.assertEqual(errors, [], where + "errors other than a refused connection")
+        self.assertEqual(errors, [], where + "errors other than a refused connection; log:\n"
+                         + process.log[-6000:])
         answers = [result for _, result in tagged if result[0] is not None]
         self.assertEqual({status for status, _, _ in answers}, {200}, where)
         for _, body, _ in answers:  # whole tokens, never a cut one
