@@ -631,28 +631,34 @@ class LifecycleTestCase(TempDirTestCase):
 def token_load(url, clients, seconds, results, stop=None, source="127.0.0.1"):
     """CLIENTS threads, each on one keep-alive connection (a new one when the
     server closes it), asking for tokens for SECONDS or until STOP is set;
-    RESULTS gets (status, body, Connection header) or (None, error, None).
-    The threads collect; the test asserts."""
+    RESULTS gets (status, body, Connection header) or (None, error, SINCE):
+    SINCE, on a connection kept alive, is the seconds from sending the request
+    before to the error (a server may close a connection idle that long), else
+    None. The threads collect; the test asserts."""
     host, port = url[len("http://"):].rsplit(":", 1)
     deadline = time.monotonic() + seconds
 
     def client(number):
         body = json_bytes({"name": "client-%d" % number})
-        connection = None
+        connection = sent_before = None
         while time.monotonic() < deadline and not (stop and stop.is_set()):
             if connection is None:
                 connection = http.client.HTTPConnection(host, int(port), timeout=10,
                                                         source_address=(source, 0))
+                sent_before = None
             try:
+                sent = time.monotonic()
                 connection.request("POST", "/auth/token", body, JSON_HEADERS)
                 response = connection.getresponse()
                 results.append((response.status, response.read(),
                                 response.headers["Connection"]))
+                sent_before = sent
                 if response.headers["Connection"] == "close":
                     connection.close()
                     connection = None
             except (ConnectionError, http.client.HTTPException, OSError) as error:
-                results.append((None, repr(error), None))
+                results.append((None, repr(error), None if sent_before is None
+                                else time.monotonic() - sent_before))
                 connection.close()
                 connection = None
                 if isinstance(error, ConnectionRefusedError):
@@ -6801,8 +6807,9 @@ class DrainUnderLoadTest(LifecycleTestCase):
     server read. With 32 keep-alive clients asking for tokens, the only error
     a client may see is ConnectionRefusedError (the door shut): no reset, no
     empty reply, no cut answer; the connections the server ends it ends with
-    an answer that says Connection: close; exit 0. STARTS times, against one
-    process and against --workers 2."""
+    an answer that says Connection: close, or, idle, after STOP_GRACE_SECONDS
+    for a last request; exit 0. STARTS times, against one process and against
+    --workers 2."""
 
     CLIENTS = 32
 
@@ -6842,8 +6849,13 @@ class DrainUnderLoadTest(LifecycleTestCase):
         per_client = {}
         for name, result in list(tagged):
             per_client.setdefault(name, []).append(result)
-        errors = [result[1] for _, result in tagged if result[0] is None
-                  and not result[1].startswith("ConnectionRefusedError")]
+        # A client its machine held up past STOP_GRACE_SECONDS between two requests
+        # on one connection may find it closed: the server gave it the grace, and
+        # HTTP lets it close an idle connection. Any sooner is a fault.
+        late = jwt_issuer.STOP_GRACE_SECONDS
+        errors = [result[1:] for _, result in tagged if result[0] is None
+                  and not result[1].startswith("ConnectionRefusedError")
+                  and not (result[2] is not None and result[2] >= late)]
         self.assertEqual(errors, [], where + "errors other than a refused connection; log:\n"
                          + process.log[-6000:])
         answers = [result for _, result in tagged if result[0] is not None]
@@ -6856,11 +6868,11 @@ class DrainUnderLoadTest(LifecycleTestCase):
             self.assertIsNone(results[-1][0], where + name)
             answered = [result for result in results if result[0] is not None]
             self.assertTrue(answered, where + name)
-            self.assertEqual(answered[-1][2], "close", where + name)
-            if workers == "1":  # one process: from the first close on, every answer says close
-                headers = [result[2] for result in answered]
-                first = headers.index("close")
-                self.assertEqual(set(headers[first:]), {"close"}, where + name)
+            headers = [result[2] for result in answered]
+            if not any(result[0] is None and result[2] is not None for result in results):
+                self.assertEqual(headers[-1], "close", where + name)  # not closed idle
+            if workers == "1" and "close" in headers:  # from the first close on, every one
+                self.assertEqual(set(headers[headers.index("close"):]), {"close"}, where + name)
 
 
 # ---------------------------------------------------------------- item 6
